@@ -1,0 +1,7 @@
+"""AnomalyFlagLib: slice-level anomaly detection for CT/MRI (f-AnoGAN style), independent of Slicer.
+
+Importing this package never imports slicer, vtk or qt; heavy modules (torch, MONAI) are imported by the
+submodules that need them.
+"""
+
+__version__ = "0.1.0"

@@ -1,0 +1,119 @@
+"""Reading volumes (NRRD, NIfTI, MHA, DICOM series folders) and rejecting unusable ones."""
+
+import os
+from pathlib import Path
+from typing import List, Optional
+
+import numpy as np
+import SimpleITK as sitk
+
+from .errors import InputError
+
+VOLUME_SUFFIXES = (".nrrd", ".nhdr", ".nii", ".nii.gz", ".mha", ".mhd")
+
+
+def is_volume_file(path: Path) -> bool:
+    name = path.name.lower()
+    return path.is_file() and name.endswith(VOLUME_SUFFIXES) and not name.endswith(".seg.nrrd")
+
+
+def case_name(path) -> str:
+    """Case identifier: the file name without its volume suffix, or the DICOM folder's name."""
+    path = Path(path)
+    name = path.name
+    for suffix in sorted(VOLUME_SUFFIXES, key=len, reverse=True):
+        if name.lower().endswith(suffix):
+            return name[: -len(suffix)]
+    return name
+
+
+def dicom_series_ids(folder: Path) -> List[str]:
+    try:
+        return list(sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder)) or [])
+    except RuntimeError:
+        return []
+
+
+def find_cases(path, name: str = "input") -> List[Path]:
+    """Volumes to process under PATH: the file itself, a DICOM series folder, or a folder of volumes
+    (each file and each DICOM sub-folder is one case), sorted by name."""
+    path = Path(path)
+    if not path.exists():
+        raise InputError(f"{name} '{path}' does not exist.")
+    if path.is_file():
+        return [path]
+    if dicom_series_ids(path):
+        return [path]
+    cases = sorted(p for p in path.iterdir() if is_volume_file(p))
+    cases += sorted(p for p in path.iterdir() if p.is_dir() and dicom_series_ids(p))
+    if not cases:
+        raise InputError(
+            f"{name} folder '{path}' holds no volumes ({', '.join(VOLUME_SUFFIXES)}) and no DICOM series."
+        )
+    return cases
+
+
+def read_image(path, name: Optional[str] = None) -> sitk.Image:
+    """Read a volume file or a DICOM series folder (the series with the most files)."""
+    path = Path(path)
+    name = name or "volume"
+    if not path.exists():
+        raise InputError(f"{name} '{path}' does not exist.")
+    try:
+        if path.is_dir():
+            ids = dicom_series_ids(path)
+            if not ids:
+                raise InputError(f"{name} folder '{path}' holds no DICOM series.")
+            files = max(
+                (sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(path), sid) for sid in ids), key=len
+            )
+            reader = sitk.ImageSeriesReader()
+            reader.SetFileNames(files)
+            return reader.Execute()
+        return sitk.ReadImage(str(path))
+    except RuntimeError as exc:
+        first_line = str(exc).strip().splitlines()[-1] if str(exc).strip() else "unknown error"
+        raise InputError(f"{name} '{path}' cannot be read as an image: {first_line}") from None
+
+
+def validate_volume_array(array: np.ndarray, name: str) -> None:
+    """Reject arrays the detector cannot score: not 3D, empty, non-finite or constant."""
+    if array.ndim != 3:
+        raise InputError(f"{name} has {array.ndim} dimensions; a 3D volume (slices x rows x columns) is needed.")
+    if array.size == 0 or min(array.shape) == 0:
+        raise InputError(f"{name} is empty (shape {tuple(array.shape)}).")
+    if np.issubdtype(array.dtype, np.floating):
+        bad = int(np.count_nonzero(~np.isfinite(array)))
+        if bad:
+            raise InputError(f"{name} contains {bad} NaN or infinite voxels.")
+    if np.issubdtype(array.dtype, np.complexfloating) or array.dtype == bool:
+        raise InputError(f"{name} has voxel type {array.dtype}; a real-valued intensity volume is needed.")
+    lo, hi = array.min(), array.max()
+    if lo == hi:
+        raise InputError(f"{name} is constant (every voxel is {lo}); there is nothing to score.")
+
+
+def validate_image(image: sitk.Image, name: str) -> None:
+    """Checks on a SimpleITK image before reading its voxels: 3D, scalar."""
+    if image.GetDimension() != 3:
+        raise InputError(
+            f"{name} has {image.GetDimension()} dimensions; a 3D volume is needed "
+            f"(size {tuple(image.GetSize())})."
+        )
+    if image.GetNumberOfComponentsPerPixel() != 1:
+        raise InputError(
+            f"{name} has {image.GetNumberOfComponentsPerPixel()} components per voxel; "
+            "a scalar (single-channel) volume is needed."
+        )
+
+
+def write_image_atomic(image: sitk.Image, path, compress: bool = True) -> None:
+    """Write an image through a temporary file and rename it, so a crash never leaves a partial file."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}{''.join(path.suffixes)}")
+    try:
+        sitk.WriteImage(image, str(tmp), useCompression=compress)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()

@@ -28,10 +28,17 @@ def case_name(path) -> str:
 
 
 def dicom_series_ids(folder: Path) -> List[str]:
+    """DICOM series in a folder (without ITK's console warning when there are none)."""
+    if not any(p.is_file() and not is_volume_file(p) for p in Path(folder).iterdir()):
+        return []
+    shown = sitk.ProcessObject.GetGlobalWarningDisplay()
+    sitk.ProcessObject.SetGlobalWarningDisplay(False)
     try:
         return list(sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder)) or [])
     except RuntimeError:
         return []
+    finally:
+        sitk.ProcessObject.SetGlobalWarningDisplay(shown)
 
 
 def find_cases(path, name: str = "input") -> List[Path]:
@@ -47,9 +54,7 @@ def find_cases(path, name: str = "input") -> List[Path]:
     cases = sorted(p for p in path.iterdir() if is_volume_file(p))
     cases += sorted(p for p in path.iterdir() if p.is_dir() and dicom_series_ids(p))
     if not cases:
-        raise InputError(
-            f"{name} folder '{path}' holds no volumes ({', '.join(VOLUME_SUFFIXES)}) and no DICOM series."
-        )
+        raise InputError(f"{name} folder '{path}' holds no volumes ({', '.join(VOLUME_SUFFIXES)}) and no DICOM series.")
     return cases
 
 
@@ -64,9 +69,7 @@ def read_image(path, name: Optional[str] = None) -> sitk.Image:
             ids = dicom_series_ids(path)
             if not ids:
                 raise InputError(f"{name} folder '{path}' holds no DICOM series.")
-            files = max(
-                (sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(path), sid) for sid in ids), key=len
-            )
+            files = max((sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(path), sid) for sid in ids), key=len)
             reader = sitk.ImageSeriesReader()
             reader.SetFileNames(files)
             return reader.Execute()
@@ -97,8 +100,7 @@ def validate_image(image: sitk.Image, name: str) -> None:
     """Checks on a SimpleITK image before reading its voxels: 3D, scalar."""
     if image.GetDimension() != 3:
         raise InputError(
-            f"{name} has {image.GetDimension()} dimensions; a 3D volume is needed "
-            f"(size {tuple(image.GetSize())})."
+            f"{name} has {image.GetDimension()} dimensions; a 3D volume is needed (size {tuple(image.GetSize())})."
         )
     if image.GetNumberOfComponentsPerPixel() != 1:
         raise InputError(

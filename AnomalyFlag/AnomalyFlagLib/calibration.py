@@ -1,0 +1,109 @@
+"""Calibration on held-out NORMAL slices only: robust per-position statistics and thresholds.
+
+normalised = (combined - median_bin) / (1.4826 * MAD_bin), bins over the relative slice position;
+the slice threshold is the normalised-score quantile that flags `target_false_flag_rate` of normal
+slices, and the pixel threshold the residual quantile that marks `pixel_false_positive_rate` of normal
+body pixels. Nothing here ever looks at anomalous data or rescales by a test set's range.
+"""
+
+from dataclasses import asdict, dataclass
+from typing import List
+
+import numpy as np
+
+from .errors import BundleError, InputError
+
+MIN_SLICES_PER_BIN = 20
+MAD_TO_SIGMA = 1.4826
+
+
+@dataclass
+class Calibration:
+    bin_edges: List[float]
+    medians: List[float]
+    scales: List[float]
+    threshold: float
+    pixel_threshold: float
+    target_false_flag_rate: float
+    pixel_false_positive_rate: float
+    num_slices: int
+    num_cases: int
+    observed_false_flag_rate: float
+
+    def normalise(self, combined: np.ndarray, positions: np.ndarray) -> np.ndarray:
+        """Normalised scores for combined scores at relative positions in [0, 1]."""
+        edges = np.asarray(self.bin_edges)
+        bins = np.clip(np.searchsorted(edges, positions, side="right") - 1, 0, len(self.medians) - 1)
+        return (np.asarray(combined) - np.asarray(self.medians)[bins]) / np.asarray(self.scales)[bins]
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "Calibration":
+        try:
+            return cls(**data)
+        except TypeError as exc:
+            raise BundleError(f"calibration in metadata.json is not in this version's format: {exc}") from None
+
+
+def _robust(values: np.ndarray):
+    median = float(np.median(values))
+    scale = float(np.median(np.abs(values - median)) * MAD_TO_SIGMA)
+    return median, scale
+
+
+def calibrate(
+    combined: np.ndarray,
+    positions: np.ndarray,
+    residual_quantile_source: np.ndarray,
+    num_cases: int,
+    position_bins: int = 5,
+    target_false_flag_rate: float = 0.05,
+    pixel_false_positive_rate: float = 0.005,
+) -> Calibration:
+    """Calibrate from normal slices' combined scores, positions and a sample of normal body residuals."""
+    combined = np.asarray(combined, dtype=float)
+    positions = np.asarray(positions, dtype=float)
+    if combined.size < 10:
+        raise InputError(f"calibration needs at least 10 normal slices, got {combined.size}.")
+    if not np.isfinite(combined).all():
+        raise InputError("calibration scores contain NaN or infinite values.")
+    if not 0 < target_false_flag_rate < 0.5:
+        raise InputError(f"target false-flag rate must be between 0 and 0.5, not {target_false_flag_rate}.")
+    # Merge position bins until each holds enough slices for a stable median and MAD.
+    bins = max(1, min(position_bins, combined.size // MIN_SLICES_PER_BIN))
+    edges = np.linspace(0.0, 1.0, bins + 1)
+    global_median, global_scale = _robust(combined)
+    global_scale = max(global_scale, 1e-6 * max(1.0, abs(global_median)), 1e-12)
+    medians, scales = [], []
+    for b in range(bins):
+        upper = positions <= edges[b + 1] if b == bins - 1 else positions < edges[b + 1]
+        members = combined[(positions >= edges[b]) & upper]
+        if members.size >= MIN_SLICES_PER_BIN:
+            median, scale = _robust(members)
+            scale = max(scale, 0.25 * global_scale)  # a near-constant bin must not blow scores up
+        else:
+            median, scale = global_median, global_scale
+        medians.append(median)
+        scales.append(scale)
+    cal = Calibration(
+        bin_edges=edges.tolist(),
+        medians=medians,
+        scales=scales,
+        threshold=0.0,
+        pixel_threshold=0.0,
+        target_false_flag_rate=float(target_false_flag_rate),
+        pixel_false_positive_rate=float(pixel_false_positive_rate),
+        num_slices=int(combined.size),
+        num_cases=int(num_cases),
+        observed_false_flag_rate=0.0,
+    )
+    normalised = cal.normalise(combined, positions)
+    cal.threshold = float(np.quantile(normalised, 1.0 - target_false_flag_rate, method="higher"))
+    cal.observed_false_flag_rate = float(np.mean(normalised > cal.threshold))
+    residuals = np.asarray(residual_quantile_source, dtype=float)
+    if residuals.size == 0:
+        raise InputError("calibration needs body pixels of normal slices; none were found.")
+    cal.pixel_threshold = float(max(np.quantile(residuals, 1.0 - pixel_false_positive_rate), 1e-6))
+    return cal

@@ -1,0 +1,241 @@
+"""The `anomalyflag` command: train, calibrate, score, evaluate and inspect models without Slicer."""
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from . import __version__
+from .errors import AnomalyFlagError, CancelledError
+
+EXIT_USAGE = 2
+EXIT_CANCELLED = 130
+
+
+def _add_device(p):
+    p.add_argument("--device", default="auto", help="auto (CUDA > MPS > CPU), cpu, cuda, cuda:N or mps")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="anomalyflag",
+        description="Flag CT/MRI slices on which an automatic segmentation is likely to fail.",
+    )
+    parser.add_argument("--version", action="version", version=f"anomalyflag {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("train", help="train a detector on NORMAL volumes and calibrate it")
+    p.add_argument(
+        "--input",
+        required=True,
+        help="folder of normal volumes (NRRD, NIfTI, MHA, DICOM series "
+        "folders) or a MONAI-style datalist JSON; *_label/_mask volumes exclude their slices",
+    )
+    p.add_argument("--output", required=True, help="model bundle folder to write")
+    p.add_argument("--image-size", type=int, default=128, help="network input size, a power of two 64-512")
+    p.add_argument("--latent-dim", type=int, default=128)
+    p.add_argument("--base-width", type=int, default=16)
+    p.add_argument("--max-width", type=int, default=128)
+    p.add_argument("--no-position", action="store_true", help="do not condition on slice position")
+    p.add_argument(
+        "--window",
+        type=float,
+        nargs=2,
+        default=(-1000.0, 1000.0),
+        metavar=("MIN", "MAX"),
+        help="intensity window (HU for CT)",
+    )
+    p.add_argument("--fov-mm", type=float, default=400.0, help="in-plane field of view; 0 uses the whole slice")
+    p.add_argument("--kappa", type=float, default=1.0, help="weight of the feature score")
+    p.add_argument("--gan-iterations", type=int, default=2000)
+    p.add_argument("--encoder-iterations", type=int, default=1000)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--critic-steps", type=int, default=5)
+    p.add_argument("--learning-rate", type=float, default=1e-4)
+    p.add_argument("--no-augment", action="store_true")
+    p.add_argument("--validation-fraction", type=float, default=0.2, help="share of cases held out for calibration")
+    p.add_argument("--false-flag-rate", type=float, default=0.05, help="target share of normal slices flagged")
+    p.add_argument("--checkpoint-every", type=int, default=200)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--resume", action="store_true", help="continue from the checkpoint in OUTPUT.partial")
+    _add_device(p)
+
+    p = sub.add_parser("calibrate", help="recalibrate a bundle on new NORMAL data")
+    p.add_argument("--model", required=True)
+    p.add_argument("--input", required=True, help="normal volumes (as for train)")
+    p.add_argument("--output", help="write the recalibrated bundle here instead of in place")
+    p.add_argument("--false-flag-rate", type=float, default=None)
+    _add_device(p)
+
+    p = sub.add_parser("score", help="score every slice of one volume, a folder or a DICOM series")
+    p.add_argument("--model", required=True, help="model bundle folder")
+    p.add_argument("--input", required=True, help="volume file, folder of volumes, or DICOM series folder")
+    p.add_argument("--output", required=True, help="output folder (CSV, heatmap NRRD and summary JSON per case)")
+    p.add_argument(
+        "--roi",
+        help="segmentation or label map restricting flags and heatmap (one input volume), "
+        "or a folder holding <case>.seg.nrrd / <case>_seg.* / <case>_organs.* files",
+    )
+    p.add_argument("--roi-labels", help="comma-separated label values of the ROI (default: any non-zero)")
+    p.add_argument("--roi-margin-mm", type=float, default=10.0)
+    p.add_argument("--batch-size", type=int, default=None, help="slices per batch (default: by device)")
+    _add_device(p)
+
+    p = sub.add_parser("evaluate", help="score cases with ground-truth anomaly masks and report metrics")
+    p.add_argument("--model", required=True)
+    p.add_argument("--input", required=True, help="folder of volumes with <case>_anomaly (or _label/_mask) masks")
+    p.add_argument("--output", required=True, help="folder for evaluation.json, evaluation.png and case outputs")
+    p.add_argument("--batch-size", type=int, default=None)
+    _add_device(p)
+
+    p = sub.add_parser("info", help="print a model bundle's metadata after verifying it")
+    p.add_argument("--model", required=True)
+    return parser
+
+
+def _roi_for(case, roi_arg, single: bool):
+    if not roi_arg:
+        return None
+    roi = Path(roi_arg)
+    if roi.is_file() or single:
+        return roi
+    from .volume_io import case_name
+
+    for f in sorted(roi.iterdir()):
+        if case_name(f) in (case.name, f"{case.name}.seg", f"{case.name}_seg", f"{case.name}_organs"):
+            return f
+    return None
+
+
+def _cmd_train(a):
+    from .config import ModelConfig, PreprocessConfig, ScoreConfig
+    from .detector import TrainingOptions
+    from .progress import ProgressBar
+    from .training import train
+
+    bars = {}
+
+    def progress(stage, step, total, info):
+        label = {"gan": "stage 1 WGAN-GP", "encoder": "stage 2 encoder"}.get(stage, stage)
+        bars.setdefault(stage, ProgressBar(label))(step, total, info)
+
+    out = train(
+        a.input,
+        a.output,
+        ModelConfig(a.image_size, a.latent_dim, a.base_width, a.max_width, not a.no_position),
+        PreprocessConfig(window_min=a.window[0], window_max=a.window[1], fov_mm=a.fov_mm or None),
+        ScoreConfig(kappa=a.kappa, target_false_flag_rate=a.false_flag_rate),
+        TrainingOptions(a.batch_size, a.gan_iterations, a.encoder_iterations, a.critic_steps, 10.0,
+                        a.learning_rate, not a.no_augment, a.checkpoint_every, a.seed),
+        validation_fraction=a.validation_fraction,
+        resume=a.resume,
+        device=a.device,
+        progress=progress,
+    )  # fmt: skip
+    print(f"Model bundle written to {out}")
+
+
+def _cmd_calibrate(a):
+    from .training import recalibrate
+
+    out = recalibrate(a.model, a.input, a.output, a.false_flag_rate, a.device)
+    print(f"Recalibrated bundle written to {out}")
+
+
+def _score_cases(a, cases, out_dir, progress_label="score"):
+    from .outputs import case_paths, heatmap_key_values, write_case_files
+    from .progress import ProgressBar
+    from .scoring import NrrdHeatmapSink, Scorer
+    from .slice_source import open_source
+
+    scorer = Scorer(a.model, device=a.device, batch_size=a.batch_size)
+    labels = [int(v) for v in a.roi_labels.split(",")] if getattr(a, "roi_labels", None) else None
+    results, failures = [], []
+    for case in cases:
+        try:
+            source = open_source(case.image, name=f"volume '{case.image}'")
+            sink = NrrdHeatmapSink(case_paths(out_dir, case.name)["heatmap"], source.geometry,
+                                   heatmap_key_values(scorer.bundle.name, scorer.calibration.threshold))  # fmt: skip
+            result = scorer.score(
+                source,
+                roi=_roi_for(case, getattr(a, "roi", None), len(cases) == 1),
+                roi_labels=labels,
+                roi_margin_mm=getattr(a, "roi_margin_mm", 10.0),
+                name=case.name,
+                heatmap_sink=sink,
+                progress=ProgressBar(f"{progress_label} {case.name}"),
+            )
+            write_case_files(result, out_dir)
+            results.append((case, result))
+            flagged = result.flagged_indices
+            print(f"{case.name}: {len(flagged)} of {len(result.slices)} slices flagged"
+                  f"{': ' + ', '.join(map(str, flagged)) if flagged else ''}"
+                  f" ({result.timings['total']:.1f} s on {result.device})")  # fmt: skip
+        except CancelledError:
+            raise
+        except AnomalyFlagError as exc:
+            failures.append((case, exc))
+            print(f"{case.name}: FAILED: {exc}", file=sys.stderr)
+    return scorer, results, failures
+
+
+def _cmd_score(a):
+    from .datasets import discover_cases
+
+    out_dir = Path(a.output)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    _, results, failures = _score_cases(a, discover_cases(a.input, "input"), out_dir)
+    print(f"Outputs in {out_dir}")
+    if failures:
+        raise AnomalyFlagError(f"{len(failures)} of {len(results) + len(failures)} case(s) could not be scored.")
+
+
+def _cmd_evaluate(a):
+    from .evaluate_cases import evaluate_folder
+
+    report = evaluate_folder(a.model, a.input, a.output, device=a.device, batch_size=a.batch_size)
+    s = report["slice"]
+    p = report["pixel"]
+    print(f"slice AUROC {s['auroc']}, AUPRC {s['auprc']}, sensitivity {s['sensitivity']}, "
+          f"specificity {s['specificity']}; pixel AUROC {p['pixel_auroc']}, AUPRC {p['pixel_auprc']}, "
+          f"Dice {p['dice']}")  # fmt: skip
+    print(f"Report: {Path(a.output) / 'evaluation.json'} and evaluation.png")
+
+
+def _cmd_info(a):
+    import json
+
+    from .bundle import load_bundle
+
+    bundle = load_bundle(a.model)
+    print(json.dumps(bundle.metadata, indent=2))
+
+
+COMMANDS = {
+    "train": _cmd_train,
+    "calibrate": _cmd_calibrate,
+    "score": _cmd_score,
+    "evaluate": _cmd_evaluate,
+    "info": _cmd_info,
+}
+
+
+def main(argv=None) -> int:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    try:
+        COMMANDS[args.command](args)
+    except CancelledError as exc:
+        print(f"anomalyflag: cancelled: {exc}", file=sys.stderr)
+        return EXIT_CANCELLED
+    except KeyboardInterrupt:
+        print("\nanomalyflag: interrupted; no partial output was kept.", file=sys.stderr)
+        return EXIT_CANCELLED
+    except AnomalyFlagError as exc:
+        print(f"anomalyflag {args.command}: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,157 @@
+"""Training and calibration inputs: cases from a folder or a MONAI-style datalist, loaded as slices.
+
+In a folder, a volume whose name ends in _label, _mask, _anomaly or _lesion is the exclusion mask of
+the volume with the same stem (an optional _image suffix is ignored); slices where it is non-zero are
+left out. Files ending in _organs or _heatmap are companions, not cases.
+"""
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, List, Optional
+
+import numpy as np
+import torch
+
+from .config import PreprocessConfig
+from .errors import CancelledError, InputError
+from .orientation import relative_positions, slice_positions_mm
+from .preprocessing import SlicePreprocessor
+from .roi import roi_on_image_grid
+from .slice_source import open_source
+from .volume_io import case_name, find_cases
+
+MASK_SUFFIXES = ("_label", "_mask", "_anomaly", "_lesion")
+COMPANION_SUFFIXES = ("_organs", "_heatmap")
+
+
+@dataclass
+class Case:
+    name: str
+    image: Path
+    mask: Optional[Path] = None
+
+
+@dataclass
+class SliceSet:
+    """Preprocessed slices (float16, (N, 1, S, S)) with their relative positions and case of origin."""
+
+    images: torch.Tensor
+    positions: torch.Tensor
+    case_index: torch.Tensor
+    case_names: List[str]
+    excluded_slices: int = 0
+
+    def __len__(self) -> int:
+        return self.images.shape[0]
+
+    def subset(self, cases: List[int]) -> "SliceSet":
+        keep = torch.isin(self.case_index, torch.as_tensor(cases))
+        return SliceSet(self.images[keep], self.positions[keep], self.case_index[keep], self.case_names)
+
+
+def _stem(path: Path) -> str:
+    stem = case_name(path)
+    return stem[: -len("_image")] if stem.endswith("_image") else stem
+
+
+def discover_cases(path, name: str = "training input") -> List[Case]:
+    """Cases from a datalist JSON ('training' and 'validation' lists of {image, label}), a folder or a file."""
+    path = Path(path)
+    if path.is_file() and path.suffix.lower() == ".json":
+        return _datalist_cases(path)
+    files = find_cases(path, name)
+    masks, images = {}, []
+    for f in files:
+        stem = case_name(f)
+        if stem.endswith(MASK_SUFFIXES):
+            masks[stem.rsplit("_", 1)[0]] = f
+        elif not stem.endswith(COMPANION_SUFFIXES):
+            images.append(f)
+    if not images:
+        raise InputError(f"{name} '{path}' holds masks but no image volumes.")
+    return [Case(case_name(f), f, masks.get(_stem(f))) for f in images]
+
+
+def _datalist_cases(path: Path) -> List[Case]:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise InputError(f"datalist '{path}' cannot be read: {exc}") from None
+    entries = []
+    for key in ("training", "validation", "test"):
+        entries += data.get(key, []) if isinstance(data, dict) else []
+    if not entries:
+        raise InputError(f"datalist '{path}' has no 'training' or 'validation' entries.")
+    cases = []
+    for i, entry in enumerate(entries):
+        entry = {"image": entry} if isinstance(entry, str) else entry
+        if not isinstance(entry, dict) or "image" not in entry:
+            raise InputError(f"datalist '{path}' entry {i} has no 'image'.")
+        image = (path.parent / entry["image"]).resolve()
+        mask = entry.get("label") or entry.get("mask")
+        cases.append(Case(case_name(image), image, (path.parent / mask).resolve() if mask else None))
+    return cases
+
+
+def load_slices(
+    cases: List[Case],
+    preprocess: PreprocessConfig,
+    image_size: int,
+    batch: int = 32,
+    progress: Optional[Callable[[int, int], None]] = None,
+    cancel: Optional[Callable[[], bool]] = None,
+) -> SliceSet:
+    """Read every case slab by slab into model-ready slices, skipping masked slices."""
+    pre = SlicePreprocessor(preprocess, image_size)
+    images, positions, owners, excluded = [], [], [], 0
+    for ci, case in enumerate(cases):
+        if cancel is not None and cancel():
+            raise CancelledError("loading of the training data was cancelled.")
+        source = open_source(case.image, name=f"training volume '{case.image}'")
+        try:
+            keep = np.ones(source.num_slices, dtype=bool)
+            if case.mask is not None:
+                mask = roi_on_image_grid(case.mask, source.geometry, name=f"mask '{case.mask}'", allow_empty=True)
+                keep = ~source.frame.view(mask).any(axis=(1, 2))
+            pos = relative_positions(slice_positions_mm(source.geometry, source.frame))
+            frame = source.frame
+            for k0 in range(0, source.num_slices, batch):
+                k1 = min(source.num_slices, k0 + batch)
+                slab = source.read(k0, k1)
+                sel = keep[k0:k1]
+                if sel.any():
+                    x = pre.to_model(slab[sel], frame.row_spacing, frame.column_spacing)
+                    images.append(x.half())
+                    positions.append(torch.as_tensor(pos[k0:k1][sel], dtype=torch.float32))
+                    owners.append(torch.full((int(sel.sum()),), ci, dtype=torch.long))
+            source.check_not_constant()
+            excluded += int((~keep).sum())
+        finally:
+            source.close()
+        if progress is not None:
+            progress(ci + 1, len(cases))
+    if not images:
+        raise InputError("no usable slices: every slice of every training volume is masked out.")
+    return SliceSet(torch.cat(images), torch.cat(positions), torch.cat(owners), [c.name for c in cases], excluded)
+
+
+def split_cases(num_cases: int, validation_fraction: float, seed: int):
+    """Case indices for training and validation; validation never shares a case with training."""
+    order = np.random.default_rng(seed).permutation(num_cases)
+    n_val = int(round(num_cases * validation_fraction))
+    if num_cases >= 3:
+        n_val = max(1, n_val)
+    n_val = min(n_val, num_cases - 1)
+    return sorted(order[n_val:].tolist()), sorted(order[:n_val].tolist())
+
+
+def split_slices(slices: SliceSet, every: int = 4):
+    """Slice-level split for a single case: contiguous blocks, every `every`-th block to validation."""
+    idx = torch.arange(len(slices))
+    val = (idx // 4) % every == every - 1
+
+    def take(m):
+        return SliceSet(slices.images[m], slices.positions[m], slices.case_index[m], slices.case_names)
+
+    return take(~val), take(val)

@@ -1,0 +1,133 @@
+"""f-AnoGAN networks built from MONAI convolution blocks: generator G(z, pos), critic D(x, pos) with an
+intermediate feature layer f(x), and encoder E(x, pos) -> z.
+
+The relative slice position pos in [0, 1] enters G as an extra latent coordinate and D/E as an extra
+constant input channel; with conditioning switched off it is ignored.
+"""
+
+import torch
+from monai.networks.blocks import Convolution
+from torch import nn
+
+from .config import ModelConfig
+
+LEAKY = ("leakyrelu", {"negative_slope": 0.2, "inplace": True})
+
+
+def _position_channel(x: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+    plane = (pos.to(x.dtype) * 2 - 1).view(-1, 1, 1, 1).expand(-1, 1, x.shape[2], x.shape[3])
+    return torch.cat([x, plane], dim=1)
+
+
+class _DownTrunk(nn.Module):
+    """Stride-2 4x4 convolutions from image_size down to 4x4 (shared shape of critic and encoder)."""
+
+    def __init__(self, config: ModelConfig, norm):
+        super().__init__()
+        in_ch = 1 + int(config.condition_on_position)
+        layers = []
+        for level, width in enumerate(config.widths()):
+            layers.append(
+                Convolution(
+                    spatial_dims=2,
+                    in_channels=in_ch,
+                    out_channels=width,
+                    strides=2,
+                    kernel_size=4,
+                    padding=1,
+                    act=LEAKY,
+                    norm=None if level == 0 else norm,
+                    bias=level == 0 or norm is None,
+                )
+            )
+            in_ch = width
+        self.layers = nn.Sequential(*layers)
+        self.out_features = in_ch * 16
+
+    def forward(self, x):
+        return self.layers(x)
+
+
+class Critic(nn.Module):
+    """WGAN critic; `features` is the last convolutional map, used for feature matching."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.condition = config.condition_on_position
+        # No batch statistics in the critic: the gradient penalty is computed per sample.
+        self.trunk = _DownTrunk(config, norm=("instance", {"affine": True}))
+        self.head = nn.Linear(self.trunk.out_features, 1)
+
+    def features(self, x, pos):
+        if self.condition:
+            x = _position_channel(x, pos)
+        return self.trunk(x).flatten(1)
+
+    def forward(self, x, pos):
+        return self.head(self.features(x, pos)).squeeze(1)
+
+
+class Encoder(nn.Module):
+    """Maps a slice to the generator's latent space (bounded by tanh like the uniform prior)."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.condition = config.condition_on_position
+        self.trunk = _DownTrunk(config, norm=("batch", {}))
+        self.head = nn.Linear(self.trunk.out_features, config.latent_dim)
+
+    def forward(self, x, pos):
+        if self.condition:
+            x = _position_channel(x, pos)
+        return torch.tanh(self.head(self.trunk(x).flatten(1)))
+
+
+class Generator(nn.Module):
+    """Transposed-convolution generator from (z, pos) to a slice in [-1, 1]."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.condition = config.condition_on_position
+        widths = config.widths()
+        self.bottleneck_width = widths[-1]
+        self.project = nn.Sequential(
+            nn.Linear(config.latent_dim + int(self.condition), widths[-1] * 16),
+        )
+        self.project_norm = nn.Sequential(nn.BatchNorm2d(widths[-1]), nn.ReLU(inplace=True))
+        layers = []
+        outs = list(reversed(widths[:-1])) + [1]
+        in_ch = widths[-1]
+        for i, out_ch in enumerate(outs):
+            last = i == len(outs) - 1
+            layers.append(
+                Convolution(
+                    spatial_dims=2,
+                    in_channels=in_ch,
+                    out_channels=out_ch,
+                    strides=2,
+                    kernel_size=4,
+                    padding=1,
+                    output_padding=0,
+                    is_transposed=True,
+                    act="tanh" if last else "relu",
+                    norm=None if last else "batch",
+                    bias=last,
+                )
+            )
+            in_ch = out_ch
+        self.layers = nn.Sequential(*layers)
+
+    def forward(self, z, pos):
+        if self.condition:
+            z = torch.cat([z, (pos.to(z.dtype) * 2 - 1).view(-1, 1)], dim=1)
+        x = self.project(z).view(-1, self.bottleneck_width, 4, 4)
+        return self.layers(self.project_norm(x))
+
+
+def build_networks(config: ModelConfig):
+    """The three networks of one detector, in evaluation mode."""
+    config.validate()
+    nets = {"generator": Generator(config), "critic": Critic(config), "encoder": Encoder(config)}
+    for net in nets.values():
+        net.eval()
+    return nets

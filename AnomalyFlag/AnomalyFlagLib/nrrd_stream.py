@@ -1,0 +1,171 @@
+"""Slab-by-slab NRRD reading and writing, so memory does not grow with the number of slices.
+
+ITK reads a whole NRRD file even when asked for a region; these handle the common attached-header
+files (raw or gzip encoding) sequentially. Geometry always comes from SimpleITK's header reader.
+"""
+
+import gzip
+import os
+import zlib
+from pathlib import Path
+from typing import Dict, Optional
+
+import numpy as np
+
+from .geometry import Geometry
+
+_NRRD_TYPES = {
+    "signed char": "i1", "int8": "i1", "int8_t": "i1",
+    "uchar": "u1", "unsigned char": "u1", "uint8": "u1", "uint8_t": "u1",
+    "short": "i2", "short int": "i2", "signed short": "i2", "signed short int": "i2", "int16": "i2",
+    "int16_t": "i2", "ushort": "u2", "unsigned short": "u2", "unsigned short int": "u2", "uint16": "u2",
+    "uint16_t": "u2", "int": "i4", "signed int": "i4", "int32": "i4", "int32_t": "i4",
+    "uint": "u4", "unsigned int": "u4", "uint32": "u4", "uint32_t": "u4",
+    "float": "f4", "double": "f8",
+}  # fmt: skip
+
+
+def read_header(path) -> Optional[Dict[str, str]]:
+    """Header fields of an attached-header NRRD file plus '_data_offset', or None if not NRRD."""
+    fields: Dict[str, str] = {}
+    with open(path, "rb") as f:
+        magic = f.readline()
+        if not magic.startswith(b"NRRD000"):
+            return None
+        while True:
+            line = f.readline()
+            if not line or line in (b"\n", b"\r\n"):
+                break
+            text = line.decode("latin-1").rstrip("\r\n")
+            if text.startswith("#") or ":" not in text:
+                continue
+            key, _, value = text.partition(":")
+            fields[key.strip().lower()] = value.lstrip("=").strip()
+        fields["_data_offset"] = str(f.tell())
+    return fields
+
+
+class NrrdSlabReader:
+    """Sequential reader of k-slabs from a 3D NRRD with raw or gzip encoding."""
+
+    def __init__(self, path, fields: Dict[str, str]):
+        self.path = Path(path)
+        sizes = [int(s) for s in fields["sizes"].split()]
+        self.columns, self.rows, self.num_slices = sizes
+        endian = "<" if fields.get("endian", "little") == "little" else ">"
+        self.dtype = np.dtype(endian + _NRRD_TYPES[fields["type"].lower()])
+        self.encoding = fields.get("encoding", "raw").lower()
+        self.offset = int(fields["_data_offset"])
+        self.slice_bytes = self.columns * self.rows * self.dtype.itemsize
+        self._next = 0
+        self._file = None
+        self._inflate = None
+        self._buffer = b""
+
+    @classmethod
+    def open(cls, path) -> Optional["NrrdSlabReader"]:
+        """A reader, or None when the file is not a plain single-file 3D scalar NRRD this reader handles."""
+        fields = read_header(path)
+        if not fields or fields.get("dimension") != "3" or "data file" in fields or "datafile" in fields:
+            return None
+        if fields.get("type", "").lower() not in _NRRD_TYPES:
+            return None
+        if fields.get("encoding", "raw").lower() not in ("raw", "gzip", "gz"):
+            return None
+        if int(fields.get("line skip", 0) or 0) or int(fields.get("byte skip", 0) or 0):
+            return None
+        return cls(path, fields)
+
+    def _restart(self):
+        self.close()
+        self._file = open(self.path, "rb")
+        self._file.seek(self.offset)
+        self._inflate = zlib.decompressobj(16 + zlib.MAX_WBITS) if self.encoding != "raw" else None
+        self._buffer = b""
+        self._next = 0
+
+    def _take(self, nbytes: int) -> bytes:
+        if self._inflate is None:
+            data = self._file.read(nbytes)
+        else:
+            while len(self._buffer) < nbytes:
+                chunk = self._file.read(1 << 20)
+                if not chunk:
+                    break
+                self._buffer += self._inflate.decompress(chunk)
+            data, self._buffer = self._buffer[:nbytes], self._buffer[nbytes:]
+        if len(data) != nbytes:
+            raise OSError(f"'{self.path}' ends before its last slice (truncated file)")
+        return data
+
+    def read(self, k0: int, k1: int) -> np.ndarray:
+        """Slices k0..k1-1 as an array (n, rows, columns) in the file's voxel type."""
+        if self._file is None or k0 < self._next:
+            self._restart()
+        if k0 > self._next:
+            self._take((k0 - self._next) * self.slice_bytes)
+        data = self._take((k1 - k0) * self.slice_bytes)
+        self._next = k1
+        return np.frombuffer(data, dtype=self.dtype).reshape(k1 - k0, self.rows, self.columns)
+
+    def close(self):
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+
+def _vector(values) -> str:
+    return "(" + ",".join(repr(float(v)) for v in values) + ")"
+
+
+class NrrdSlabWriter:
+    """Writes a uint8 volume slab by slab into a gzip NRRD; the file appears only on `commit()`."""
+
+    def __init__(self, path, geometry: Geometry, key_values: Optional[Dict[str, str]] = None):
+        self.path = Path(path)
+        self.geometry = geometry
+        self.tmp = self.path.with_name(f".{self.path.name}.part{os.getpid()}")
+        self._file = open(self.tmp, "wb")
+        d = geometry.direction_matrix * np.asarray(geometry.spacing)
+        header = [
+            "NRRD0004",
+            "# Written by AnomalyFlag",
+            "type: uint8",
+            "dimension: 3",
+            "space: left-posterior-superior",
+            "sizes: {} {} {}".format(*geometry.size),
+            "space directions: " + " ".join(_vector(d[:, a]) for a in range(3)),
+            "kinds: domain domain domain",
+            "endian: little",
+            "encoding: gzip",
+            "space origin: " + _vector(geometry.origin),
+        ]
+        header += [f"{k}:={v}" for k, v in (key_values or {}).items()]
+        self._file.write(("\n".join(header) + "\n\n").encode("ascii"))
+        self._gzip = gzip.GzipFile(fileobj=self._file, mode="wb", compresslevel=1, mtime=0)
+        self.written = 0
+
+    def write(self, slab: np.ndarray) -> None:
+        """Append k-slices (n, rows, columns) of uint8."""
+        slab = np.ascontiguousarray(slab, dtype=np.uint8)
+        self._gzip.write(slab.tobytes())
+        self.written += slab.shape[0]
+
+    def commit(self) -> Path:
+        if self.written != self.geometry.size[2]:
+            self.abort()
+            raise ValueError(f"{self.path.name}: {self.written} of {self.geometry.size[2]} slices written")
+        self._gzip.close()
+        self._file.flush()
+        os.fsync(self._file.fileno())
+        self._file.close()
+        os.replace(self.tmp, self.path)
+        return self.path
+
+    def abort(self) -> None:
+        try:
+            self._gzip.close()
+            self._file.close()
+        finally:
+            if self.tmp.exists():
+                self.tmp.unlink()

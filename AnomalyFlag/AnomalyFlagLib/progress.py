@@ -1,0 +1,35 @@
+"""A plain-text progress bar with rate and ETA for the command line (no extra dependency)."""
+
+import sys
+import time
+
+
+class ProgressBar:
+    """Call with (done, total[, info]); redraws at most every `interval` seconds and at the end."""
+
+    def __init__(self, label: str, stream=None, interval: float = 0.5, width: int = 28):
+        self.label = label
+        self.stream = stream or sys.stderr
+        self.interval = interval
+        self.width = width
+        self.start = time.monotonic()
+        self.last = 0.0
+
+    def __call__(self, done: int, total: int, info: dict = None) -> None:
+        now = time.monotonic()
+        if done < total and now - self.last < self.interval:
+            return
+        self.last = now
+        elapsed = now - self.start
+        frac = done / total if total else 1.0
+        eta = elapsed / frac - elapsed if frac > 0 else float("nan")
+        filled = int(self.width * frac)
+        extra = "  " + " ".join(f"{k} {v:.4g}" for k, v in info.items()) if info else ""
+        line = (
+            f"\r{self.label} [{'#' * filled}{'.' * (self.width - filled)}] {done}/{total} "
+            f"{elapsed:5.0f}s elapsed, ETA {eta:4.0f}s{extra}"
+        )
+        self.stream.write(line)
+        if done >= total:
+            self.stream.write("\n")
+        self.stream.flush()

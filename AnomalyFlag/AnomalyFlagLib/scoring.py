@@ -1,0 +1,276 @@
+"""Scoring a volume slice by slice: per-slice scores, calibrated flags and a compact heatmap.
+
+Slices stream through in batches; the heatmap goes to a sink batch by batch (an in-memory uint8 array
+or a gzip NRRD written as it comes), so working memory does not grow with the slice count.
+"""
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Dict, List, Optional, Sequence, Union
+
+import numpy as np
+import SimpleITK as sitk
+import torch
+
+from .bundle import Bundle, load_bundle
+from .devices import autocast_for, default_batch_size, select_device
+from .errors import CancelledError, InputError
+from .geometry import Geometry
+from .nrrd_stream import NrrdSlabWriter
+from .orientation import AxialFrame, relative_positions, slice_positions_mm
+from .preprocessing import SlicePreprocessor
+from .roi import RoiSlabs, roi_on_image_grid
+from .slice_source import SliceSource, open_source
+
+HEATMAP_SCALE = 0.02
+"""Anomaly index per heatmap step: stored value * HEATMAP_SCALE = residual / calibrated pixel threshold,
+so 1.0 (stored 50) is the pixel threshold and 255 stands for 5.1 or more."""
+
+SLICE_COLUMNS = (
+    "index", "z_mm", "position", "reconstruction", "feature", "combined",
+    "normalised", "flagged", "in_roi", "anomaly_fraction",
+)  # fmt: skip
+
+ProgressFn = Callable[[int, int], None]
+
+
+@dataclass
+class SliceTable:
+    """One row per slice, in slice order (see SLICE_COLUMNS)."""
+
+    columns: Dict[str, np.ndarray]
+
+    def __len__(self) -> int:
+        return len(self.columns["index"])
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        return self.columns[name]
+
+    def rows(self) -> List[dict]:
+        return [{c: self.columns[c][i].item() for c in SLICE_COLUMNS} for i in range(len(self))]
+
+
+@dataclass
+class CaseResult:
+    """Everything scoring one volume produced."""
+
+    name: str
+    geometry: Geometry
+    slices: SliceTable
+    threshold: float
+    model_name: str
+    model_fingerprint: str
+    heatmap: Optional[np.ndarray] = None  # uint8 (k, j, i) when kept in memory
+    heatmap_scale: float = HEATMAP_SCALE
+    roi: Optional[dict] = None
+    timings: Dict[str, float] = field(default_factory=dict)
+    device: str = "cpu"
+
+    @property
+    def flagged_indices(self) -> List[int]:
+        return [int(i) for i in self.slices["index"][self.slices["flagged"]]]
+
+    def heatmap_image(self) -> sitk.Image:
+        """The heatmap as a SimpleITK image in the input's exact geometry (uint8, see HEATMAP_SCALE)."""
+        if self.heatmap is None:
+            raise ValueError("this result's heatmap was streamed to a file, not kept in memory")
+        image = sitk.GetImageFromArray(self.heatmap)
+        return self.geometry.apply_to(image)
+
+    def summary(self) -> dict:
+        normalised = self.slices["normalised"]
+        flagged = self.flagged_indices
+        return {
+            "case": self.name,
+            "model": self.model_name,
+            "model_fingerprint": self.model_fingerprint,
+            "threshold": self.threshold,
+            "num_slices": len(self.slices),
+            "num_flagged": len(flagged),
+            "flagged_slices": flagged,
+            "max_normalised_score": float(np.max(normalised)),
+            "geometry": self.geometry.to_dict(),
+            "heatmap_scale": self.heatmap_scale,
+            "heatmap_units": "residual / calibrated pixel threshold (1.0 = pixel threshold)",
+            "slice_axis": "voxel axis closest to superior-inferior; index is the voxel index along it",
+            "roi": self.roi,
+            "device": self.device,
+            "timings_s": self.timings,
+        }
+
+
+class ArrayHeatmapSink:
+    """Keeps the heatmap in memory as uint8 in the input's (k, j, i) layout."""
+
+    def __init__(self, geometry: Geometry):
+        self.array = np.zeros(geometry.size[::-1], dtype=np.uint8)
+        self.view = AxialFrame.from_geometry(geometry).view(self.array)
+
+    def write(self, k0: int, oriented: np.ndarray) -> None:
+        self.view[k0 : k0 + oriented.shape[0]] = oriented
+
+    def finish(self):
+        return self.array
+
+    def abort(self):
+        pass
+
+
+class NrrdHeatmapSink:
+    """Writes the heatmap to a gzip NRRD as it comes; the file appears complete or not at all."""
+
+    def __init__(self, path, geometry: Geometry, key_values: Dict[str, str]):
+        self.frame = AxialFrame.from_geometry(geometry)
+        self.geometry = geometry
+        self.memory = None if self.frame.slices_along_k else ArrayHeatmapSink(geometry)
+        self.writer = NrrdSlabWriter(path, geometry, key_values)
+
+    def write(self, k0: int, oriented: np.ndarray) -> None:
+        if self.memory is not None:
+            self.memory.write(k0, oriented)
+        else:
+            self.writer.write(self.frame.unorient_slab(oriented))
+
+    def finish(self):
+        if self.memory is not None:
+            for k0 in range(0, self.geometry.size[2], 32):
+                self.writer.write(self.memory.array[k0 : k0 + 32])
+        return self.writer.commit()
+
+    def abort(self):
+        self.writer.abort()
+
+
+class Scorer:
+    """A loaded model on a device, ready to score volumes one after another."""
+
+    def __init__(self, model: Union[str, Path, Bundle], device: str = "auto", batch_size: Optional[int] = None):
+        self.device = select_device(device)
+        self.bundle = model if isinstance(model, Bundle) else load_bundle(model, device="cpu")
+        self.bundle.to(self.device)
+        self.bundle.threshold  # noqa: B018 - raises the "not calibrated" error early
+        self.calibration = self.bundle.calibration
+        size = self.bundle.model_config.image_size
+        if batch_size is not None and batch_size < 1:
+            raise InputError(f"batch size must be at least 1, not {batch_size}.")
+        self.batch_size = batch_size or default_batch_size(self.device, size)
+        self.pre = SlicePreprocessor(self.bundle.preprocess, size)
+
+    def score(
+        self,
+        volume: Union[str, Path, sitk.Image, np.ndarray, SliceSource],
+        geometry: Optional[Geometry] = None,
+        roi=None,
+        roi_labels: Optional[Sequence[int]] = None,
+        roi_margin_mm: float = 10.0,
+        name: Optional[str] = None,
+        heatmap_sink=None,
+        progress: Optional[ProgressFn] = None,
+        cancel: Optional[Callable[[], bool]] = None,
+    ) -> CaseResult:
+        """Score every slice of `volume` (path, SimpleITK image, or (k, j, i) array with `geometry`).
+
+        `roi` (segmentation or label map on the image grid, optionally `roi_labels`) restricts flags and
+        the heatmap to that region plus `roi_margin_mm`. `progress(done, total)` is called after each
+        batch; when `cancel()` returns True a CancelledError is raised and nothing is kept.
+        """
+        started = time.perf_counter()
+        source = volume if isinstance(volume, SliceSource) else open_source(volume, geometry, name)
+        name = name or source.name
+        sink = heatmap_sink or ArrayHeatmapSink(source.geometry)
+        try:
+            result = self._score_source(source, sink, roi, roi_labels, roi_margin_mm, progress, cancel)
+            heatmap = sink.finish()
+        except BaseException:
+            sink.abort()
+            raise
+        finally:
+            source.close()
+        result.name = name
+        result.heatmap = heatmap if isinstance(heatmap, np.ndarray) else None
+        result.timings["total"] = round(time.perf_counter() - started, 3)
+        return result
+
+    def _score_source(self, source, sink, roi, roi_labels, roi_margin_mm, progress, cancel) -> CaseResult:
+        geometry, frame = source.geometry, source.frame
+        n = source.num_slices
+        z_mm = slice_positions_mm(geometry, frame)
+        positions = relative_positions(z_mm)
+        roi_slabs = None
+        if roi is not None:
+            mask = roi_on_image_grid(roi, geometry, roi_labels)
+            roi_slabs = RoiSlabs(mask, geometry, roi_margin_mm)
+        cal = self.calibration
+        det = self.bundle.detector
+        recon, feat, frac, in_roi = np.zeros(n), np.zeros(n), np.zeros(n), np.zeros(n, dtype=bool)
+        compute_s = 0.0
+        for k0 in range(0, n, self.batch_size):
+            if cancel is not None and cancel():
+                raise CancelledError(f"scoring of {source.name} was cancelled at slice {k0} of {n}.")
+            k1 = min(n, k0 + self.batch_size)
+            slab = source.read(k0, k1)
+            t0 = time.perf_counter()
+            x = self.pre.to_model(slab, frame.row_spacing, frame.column_spacing).to(self.device)
+            body = self.pre.body_mask(x)
+            pos = torch.as_tensor(positions[k0:k1], dtype=torch.float32, device=self.device)
+            with autocast_for(self.device):
+                scores = det.score_batch(x, pos, body)
+            recon[k0:k1] = scores.reconstruction.cpu().numpy()
+            feat[k0:k1] = scores.feature.cpu().numpy()
+            maps = torch.cat([scores.residual / cal.pixel_threshold, body[:, 0].float()]).cpu()
+            grid = self.pre.to_slice_grid(maps, source.rows, source.columns, frame.row_spacing, frame.column_spacing)
+            index, region = grid[: k1 - k0], grid[k1 - k0 :] > 0.5
+            if roi_slabs is not None:
+                region = roi_slabs.slab(k0, k1)
+                in_roi[k0:k1] = region.any(dim=(1, 2)).numpy()
+                index = index * region
+            else:
+                in_roi[k0:k1] = True
+            counts = region.sum(dim=(1, 2)).clamp_min(1)
+            frac[k0:k1] = (((index > 1.0) & region).sum(dim=(1, 2)) / counts).numpy()
+            heat = torch.clamp(torch.round(index / HEATMAP_SCALE), 0, 255).to(torch.uint8).numpy()
+            sink.write(k0, heat)
+            compute_s += time.perf_counter() - t0
+            if progress is not None:
+                progress(k1, n)
+        source.check_not_constant()
+        combined = recon + self.bundle.scoring.kappa * feat
+        normalised = cal.normalise(combined, positions)
+        flagged = (normalised > cal.threshold) & in_roi
+        frac = np.where(in_roi, frac, np.nan)
+        table = SliceTable(
+            {
+                "index": np.arange(n),
+                "z_mm": np.round(z_mm, 3),
+                "position": np.round(positions, 4),
+                "reconstruction": recon,
+                "feature": feat,
+                "combined": combined,
+                "normalised": normalised,
+                "flagged": flagged,
+                "in_roi": in_roi,
+                "anomaly_fraction": frac,
+            }
+        )
+        roi_info = None
+        if roi_slabs is not None:
+            roi_info = {"labels": list(roi_labels) if roi_labels else "any non-zero", "margin_mm": roi_margin_mm,
+                        "slices": [int(roi_slabs.extent[0]), int(roi_slabs.extent[1])]}  # fmt: skip
+        return CaseResult(
+            name=source.name,
+            geometry=geometry,
+            slices=table,
+            threshold=cal.threshold,
+            model_name=self.bundle.name,
+            model_fingerprint=self.bundle.fingerprint(),
+            roi=roi_info,
+            timings={"compute": round(compute_s, 3)},
+            device=str(self.device),
+        )
+
+
+def score_volume(model, volume, **kwargs) -> CaseResult:
+    """One-call API: load `model` (bundle path or Bundle) and score one volume; see `Scorer.score`."""
+    scorer_args = {k: kwargs.pop(k) for k in ("device", "batch_size") if k in kwargs}
+    return Scorer(model, **scorer_args).score(volume, **kwargs)

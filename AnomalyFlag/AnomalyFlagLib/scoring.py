@@ -4,6 +4,7 @@ Slices stream through in batches; the heatmap goes to a sink batch by batch (an 
 or a gzip NRRD written as it comes), so working memory does not grow with the slice count.
 """
 
+import dataclasses
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -66,6 +67,12 @@ class CaseResult:
     roi: Optional[dict] = None
     timings: Dict[str, float] = field(default_factory=dict)
     device: str = "cpu"
+
+    def with_threshold(self, threshold: float) -> "CaseResult":
+        """The same result flagged at another normalised-score threshold (a user override)."""
+        columns = dict(self.slices.columns)
+        columns["flagged"] = (columns["normalised"] > threshold) & columns["in_roi"]
+        return dataclasses.replace(self, slices=SliceTable(columns), threshold=float(threshold))
 
     @property
     def flagged_indices(self) -> List[int]:

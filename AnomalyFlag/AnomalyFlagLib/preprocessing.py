@@ -36,7 +36,7 @@ class SlicePreprocessor:
 
     def to_model(self, slab: np.ndarray, row_spacing: float, column_spacing: float) -> torch.Tensor:
         """(n, rows, columns) intensities -> (n, 1, S, S) float32 in [-1, 1]."""
-        x = torch.from_numpy(np.ascontiguousarray(slab, dtype=np.float32))
+        x = torch.from_numpy(np.array(slab, dtype=np.float32, order="C"))
         x = _plain(self.window(x))
         shape = self.scaled_shape(slab.shape[1], slab.shape[2], row_spacing, column_spacing)
         if shape != tuple(x.shape[1:]):

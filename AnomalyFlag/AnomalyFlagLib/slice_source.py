@@ -85,7 +85,7 @@ class ItkExtractSource(SliceSource):
         self.reader.SetExtractIndex((0, 0, k0))
         self.reader.SetExtractSize((self.geometry.size[0], self.geometry.size[1], k1 - k0))
         try:
-            return self.frame.orient_slab(sitk.GetArrayViewFromImage(self.reader.Execute()).copy())
+            return self.frame.orient_slab(sitk.GetArrayFromImage(self.reader.Execute()))
         except RuntimeError as exc:
             raise InputError(f"{self.name} cannot be read: {str(exc).strip().splitlines()[-1]}") from None
 

@@ -1,0 +1,108 @@
+"""Versioned edited segmentations: `<case>_seg_v{N}.seg.nrrd`, numbered from 1, never overwritten.
+
+The original segmentation is never touched: every save of an edited label is a new file with the next
+free version number. `write_new_version` publishes a finished temporary file with a hard link, which
+fails instead of replacing when another writer took the same number first, so two savers can never
+overwrite each other.
+"""
+
+import os
+import re
+from pathlib import Path
+from typing import Callable, List, Optional, Tuple
+
+from .errors import InputError, SessionError
+
+SUFFIX = ".seg.nrrd"
+
+
+def _check_case(case: str) -> str:
+    if not case or any(sep in case for sep in ("/", "\\", os.sep)) or case in (".", ".."):
+        raise InputError(f"case name '{case}' cannot be used in a file name.")
+    return case
+
+
+def version_pattern(case: str) -> "re.Pattern":
+    return re.compile(rf"^{re.escape(_check_case(case))}_seg_v(\d+){re.escape(SUFFIX)}$")
+
+
+def version_path(folder, case: str, version: int) -> Path:
+    if version < 1:
+        raise ValueError(f"label versions start at 1, not {version}")
+    return Path(folder) / f"{_check_case(case)}_seg_v{version}{SUFFIX}"
+
+
+def list_versions(folder, case: str) -> List[Tuple[int, Path]]:
+    """Existing versions of CASE's edited label in FOLDER as (version, path), oldest first."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    pattern = version_pattern(case)
+    found = []
+    for entry in folder.iterdir():
+        match = pattern.match(entry.name)
+        if match and entry.is_file():
+            found.append((int(match.group(1)), entry))
+    return sorted(found)
+
+
+def latest_version(folder, case: str) -> Optional[Path]:
+    """The newest edited label of CASE in FOLDER, or None when there is none."""
+    versions = list_versions(folder, case)
+    return versions[-1][1] if versions else None
+
+
+def next_version_path(folder, case: str) -> Path:
+    """The path the next version would take: one above the highest existing number (gaps are not reused)."""
+    versions = list_versions(folder, case)
+    return version_path(folder, case, versions[-1][0] + 1 if versions else 1)
+
+
+def write_new_version(folder, case: str, write: Callable[[Path], None], attempts: int = 100) -> Path:
+    """Call `write(tmp_path)` to write the label to a temporary `.seg.nrrd` in FOLDER, then publish it as
+    the next free version. Returns the final path; an existing file is never replaced."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise SessionError(f"folder '{folder}' for the edited segmentation does not exist.")
+    tmp = folder / f".{_check_case(case)}_seg_tmp{os.getpid()}{SUFFIX}"
+    try:
+        write(tmp)
+        if not tmp.is_file():
+            raise SessionError(f"the edited segmentation of {case} was not written to '{tmp}'.")
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        for _ in range(attempts):
+            target = next_version_path(folder, case)
+            try:
+                os.link(tmp, target)  # fails with FileExistsError rather than replacing
+            except FileExistsError:
+                continue
+            except OSError:  # a file system without hard links: claim the name first, then fill it
+                try:
+                    os.close(os.open(str(target), os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644))
+                except FileExistsError:
+                    continue
+                os.replace(tmp, target)
+            _fsync_dir(folder)
+            return target
+        raise SessionError(f"no free version number for the edited segmentation of {case} in '{folder}'.")
+    except OSError as exc:
+        raise SessionError(f"cannot save the edited segmentation of {case} in '{folder}': {exc}") from None
+    finally:
+        try:
+            tmp.unlink()
+        except OSError:
+            pass
+
+
+def _fsync_dir(folder: Path) -> None:
+    try:
+        fd = os.open(str(folder), os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)

@@ -1,0 +1,169 @@
+"""The anomaly heatmap as a scalar volume node: colour table, node attributes and slice-view display.
+
+Stored values are uint8; value * scale (AnomalyFlag.HeatmapScale, 0.02) is the anomaly index, where 1.0
+(stored 50) is the calibrated pixel threshold. The display shows the heatmap over the CT from the pixel
+threshold up; below it the heatmap is transparent so normal tissue stays uncoloured.
+"""
+
+import logging
+
+import numpy as np
+import slicer
+from AnomalyFlagLib.errors import InputError
+from AnomalyFlagLib.geometry import require_same_geometry
+from AnomalyFlagLib.scoring import HEATMAP_SCALE
+
+from .volumes import geometryFromVolumeNode, ijkToRASArray, updateVolumeNodeFromArray
+
+COLOR_NODE_NAME = "AnomalyFlagHeatmap"
+HEATMAP_UNITS = "residual / calibrated pixel threshold (1.0 = pixel threshold)"
+DISPLAY_MAX_INDEX = 4.0
+"""Anomaly index shown at full red; the colour table spans stored values 0 .. DISPLAY_MAX_INDEX / scale."""
+
+ATTR_SCALE = "AnomalyFlag.HeatmapScale"
+ATTR_UNITS = "AnomalyFlag.HeatmapUnits"
+ATTR_MODEL = "AnomalyFlag.Model"
+ATTR_FINGERPRINT = "AnomalyFlag.ModelFingerprint"
+ATTR_THRESHOLD = "AnomalyFlag.Threshold"
+ATTR_CASE = "AnomalyFlag.Case"
+ATTR_ROLE = "AnomalyFlag.Role"
+INPUT_VOLUME_REFERENCE = "AnomalyFlag.InputVolume"
+
+# (position in the table 0..1, r, g, b, alpha): transparent black at 0, yellow at the pixel threshold
+# (index 1.0 = 0.25 of the table), orange, then red from index 4.
+_COLOR_STOPS = (
+    (0.00, 0.00, 0.00, 0.00, 0.0),
+    (0.15, 0.55, 0.45, 0.00, 0.6),
+    (0.25, 1.00, 0.95, 0.10, 1.0),
+    (0.55, 1.00, 0.55, 0.00, 1.0),
+    (1.00, 0.90, 0.00, 0.00, 1.0),
+)
+
+
+def heatmapColorArray(numberOfColors: int = 256) -> np.ndarray:
+    """RGBA (n, 4) floats of the heatmap colour table."""
+    stops = np.asarray(_COLOR_STOPS)
+    t = np.linspace(0.0, 1.0, numberOfColors)
+    return np.stack([np.interp(t, stops[:, 0], stops[:, c]) for c in range(1, 5)], axis=1)
+
+
+def _scene(scene=None):
+    scene = scene or slicer.mrmlScene
+    if scene is None:
+        raise InputError("There is no MRML scene (slicer.mrmlScene is not set).")
+    return scene
+
+
+def getOrCreateHeatmapColorNode(scene=None):
+    """The "AnomalyFlagHeatmap" colour table node (created once per scene, saved with the scene)."""
+    scene = _scene(scene)
+    existing = scene.GetNodesByClassByName("vtkMRMLColorTableNode", COLOR_NODE_NAME)
+    existing.InitTraversal()
+    node = existing.GetNextItemAsObject()
+    if node is not None:
+        return node
+    node = slicer.vtkMRMLColorTableNode()
+    node.SetName(COLOR_NODE_NAME)
+    node.SetTypeToUser()
+    node.SetAttribute("Category", "AnomalyFlag")
+    node.SetDescription("AnomalyFlag anomaly heatmap: transparent below the pixel threshold, yellow to red above.")
+    colors = heatmapColorArray()
+    node.SetNumberOfColors(len(colors))
+    for i, (r, g, b, a) in enumerate(colors):
+        node.SetColor(i, f"index {i * DISPLAY_MAX_INDEX / (len(colors) - 1):.2f}", r, g, b, a)
+    scene.AddNode(node)
+    if node.GetStorageNode() is None:
+        node.AddDefaultStorageNode()
+    return node
+
+
+def heatmapScale(heatmapNode) -> float:
+    value = heatmapNode.GetAttribute(ATTR_SCALE) if heatmapNode is not None else None
+    try:
+        return float(value) if value else HEATMAP_SCALE
+    except ValueError:
+        return HEATMAP_SCALE
+
+
+def createHeatmapNode(result, inputVolumeNode, heatmapNode=None, scene=None):
+    """Scalar volume node holding `result.heatmap` (uint8) on the input volume's exact grid.
+
+    The IJK-to-RAS matrix is copied from the input node (bit for bit) after checking that the result was
+    computed on that grid; scale, units, model, threshold and case are stored as node attributes.
+    """
+    scene = _scene(scene)
+    if result.heatmap is None:
+        raise InputError(f"the result for {result.name} holds no in-memory heatmap.")
+    if inputVolumeNode is None:
+        raise InputError("No input volume node given for the heatmap.")
+    require_same_geometry(geometryFromVolumeNode(inputVolumeNode), result.geometry,
+                          f"volume '{inputVolumeNode.GetName()}'", f"the heatmap of {result.name}")  # fmt: skip
+    if heatmapNode is None:
+        heatmapNode = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", f"{inputVolumeNode.GetName()} anomaly heatmap")
+    heatmap = np.asarray(result.heatmap, dtype=np.uint8)
+    updateVolumeNodeFromArray(heatmapNode, heatmap, result.geometry, ijkToRAS=ijkToRASArray(inputVolumeNode))
+    heatmapNode.SetAndObserveTransformNodeID(inputVolumeNode.GetTransformNodeID())
+    attributes = {
+        ATTR_SCALE: repr(float(result.heatmap_scale)),
+        ATTR_UNITS: HEATMAP_UNITS,
+        ATTR_MODEL: result.model_name,
+        ATTR_FINGERPRINT: result.model_fingerprint,
+        ATTR_THRESHOLD: repr(float(result.threshold)),
+        ATTR_CASE: result.name,
+        ATTR_ROLE: "heatmap",
+    }
+    for key, value in attributes.items():
+        heatmapNode.SetAttribute(key, str(value))
+    heatmapNode.SetNodeReferenceID(INPUT_VOLUME_REFERENCE, inputVolumeNode.GetID())
+    storage = heatmapNode.GetStorageNode()
+    if storage is None:
+        heatmapNode.AddDefaultStorageNode()
+        storage = heatmapNode.GetStorageNode()
+    if storage is not None:
+        storage.SetUseCompression(True)
+        storage.SetDefaultWriteFileExtension("nrrd")
+    return heatmapNode
+
+
+def configureHeatmapDisplay(heatmapNode, lowerThreshold=None):
+    """Colour table, window/level and threshold of the heatmap's display node (created when missing)."""
+    scale = heatmapScale(heatmapNode)
+    if lowerThreshold is None:
+        lowerThreshold = round(1.0 / scale)
+    colorNode = getOrCreateHeatmapColorNode(heatmapNode.GetScene())
+    displayNode = heatmapNode.GetDisplayNode()
+    if displayNode is None:
+        heatmapNode.CreateDefaultDisplayNodes()
+        displayNode = heatmapNode.GetDisplayNode()
+    upper = DISPLAY_MAX_INDEX / scale
+    wasModifying = displayNode.StartModify()
+    try:
+        displayNode.SetAndObserveColorNodeID(colorNode.GetID())
+        displayNode.AutoWindowLevelOff()
+        displayNode.SetWindowLevelMinMax(0.0, upper)
+        displayNode.AutoThresholdOff()
+        displayNode.SetThreshold(float(lowerThreshold), 255.0)
+        displayNode.ApplyThresholdOn()
+        displayNode.SetInterpolate(1)
+    finally:
+        displayNode.EndModify(wasModifying)
+    return displayNode
+
+
+def showHeatmap(heatmapNode, inputVolumeNode, opacity=0.5, lowerThreshold=None):
+    """Show the heatmap as the foreground over the input in every slice view of the scene."""
+    if heatmapNode is None:
+        raise InputError("No heatmap node to show.")
+    displayNode = configureHeatmapDisplay(heatmapNode, lowerThreshold)
+    scene = heatmapNode.GetScene()
+    composites = scene.GetNodesByClass("vtkMRMLSliceCompositeNode")
+    for i in range(composites.GetNumberOfItems()):
+        composite = composites.GetItemAsObject(i)
+        wasModifying = composite.StartModify()
+        composite.SetBackgroundVolumeID(inputVolumeNode.GetID() if inputVolumeNode is not None else None)
+        composite.SetForegroundVolumeID(heatmapNode.GetID())
+        composite.SetForegroundOpacity(float(opacity))
+        composite.EndModify(wasModifying)
+    if composites.GetNumberOfItems() == 0:
+        logging.info("AnomalyFlag: the scene has no slice views; heatmap display settings were stored only.")
+    return displayNode

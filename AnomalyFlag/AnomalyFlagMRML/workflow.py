@@ -1,0 +1,254 @@
+"""The Qt-free workflow the module's Logic delegates to: score arrays (any thread), publish results as
+nodes (main thread), score a volume node synchronously, and score a folder like `anomalyflag score`
+plus PNG snapshots of the flagged slices."""
+
+import logging
+import threading
+from pathlib import Path
+
+import numpy as np
+import SimpleITK as sitk
+import slicer
+from AnomalyFlagLib.bundle import Bundle
+from AnomalyFlagLib.errors import AnomalyFlagError, CancelledError, InputError
+
+from .heatmap import ATTR_SCALE, createHeatmapNode, showHeatmap
+from .scoreTable import createScoreChart, createScoreTable
+from .segmentation import roiMaskFromSegmentation, showSegmentationOutlines
+from .snapshot import renderSliceSnapshot
+from .volumes import arrayAndGeometryFromVolumeNode, updateVolumeNodeFromArray
+
+SCORE_TABLE_REFERENCE = "AnomalyFlag.ScoreTable"
+CHART_REFERENCE = "AnomalyFlag.Chart"
+SEGMENTATION_REFERENCE = "AnomalyFlag.Segmentation"
+
+_scorerLock = threading.Lock()
+_scorerCache = {}
+
+
+def getScorer(modelPath, device="auto", batchSize=None):
+    """A loaded Scorer, cached for the last (bundle, device, batch size) so repeated runs skip loading."""
+    from AnomalyFlagLib.scoring import Scorer
+
+    if isinstance(modelPath, Bundle):
+        return Scorer(modelPath, device=device, batch_size=batchSize)
+    if modelPath is None or str(modelPath) == "":
+        raise InputError("No model bundle selected; choose a model bundle folder.")
+    path = Path(modelPath).expanduser()
+    try:
+        stamp = max((p.stat().st_mtime_ns for p in path.iterdir()), default=0) if path.is_dir() else None
+    except OSError:
+        stamp = None
+    key = (str(path.resolve()), stamp, str(device), batchSize)
+    with _scorerLock:
+        scorer = _scorerCache.get(key) if stamp is not None else None
+        if scorer is None:
+            scorer = Scorer(path, device=device, batch_size=batchSize)
+            _scorerCache.clear()
+            _scorerCache[key] = scorer
+        return scorer
+
+
+def computeScores(array, geometry, modelPath, roiMask=None, device="auto", batchSize=None, roiMarginMm=10.0,
+                  name="volume", progress=None, cancel=None):  # fmt: skip
+    """Score a (k, j, i) array with its Geometry; touches no MRML, safe in a worker thread."""
+    scorer = getScorer(modelPath, device, batchSize)
+    return scorer.score(
+        np.asarray(array),
+        geometry=geometry,
+        roi=roiMask,
+        roi_margin_mm=roiMarginMm,
+        name=name,
+        progress=progress,
+        cancel=cancel,
+    )
+
+
+def _nodeIds(scene):
+    return {scene.GetNthNode(i).GetID() for i in range(scene.GetNumberOfNodes())}
+
+
+def removeNodesAddedSince(scene, before):
+    """Remove every node whose ID is not in `before` (clean-up after a failure or a temporary load)."""
+    added = [scene.GetNodeByID(i) for i in _nodeIds(scene) - set(before)]
+    for node in added:
+        if node is not None and node.GetScene() is scene:
+            scene.RemoveNode(node)
+
+
+def publishResult(result, inputVolumeNode, segmentationNode=None, thresholdOverride=None, heatmapNode=None,
+                  tableNode=None, chartNode=None, opacity=0.5):  # fmt: skip
+    """Create or update the heatmap, table and chart nodes of `result` and show them (main thread).
+
+    A threshold override re-flags the slices (`result.with_threshold`). If anything fails, the nodes
+    created here are removed again. Returns dict(heatmap=..., table=..., chart=..., result=...).
+    """
+    if inputVolumeNode is None or inputVolumeNode.GetScene() is None:
+        raise InputError("No input volume (in a scene) to publish the result on.")
+    scene = inputVolumeNode.GetScene()
+    if thresholdOverride is not None:
+        result = result.with_threshold(float(thresholdOverride))
+    before = _nodeIds(scene)
+    try:
+        heat = createHeatmapNode(result, inputVolumeNode, heatmapNode, scene=scene)
+        table = createScoreTable(result, tableNode, scene=scene)
+        chart = createScoreChart(table, result.threshold, chartNode, scene=scene)
+        heat.SetNodeReferenceID(SCORE_TABLE_REFERENCE, table.GetID())
+        heat.SetNodeReferenceID(CHART_REFERENCE, chart.GetID())
+        if segmentationNode is not None:
+            heat.SetNodeReferenceID(SEGMENTATION_REFERENCE, segmentationNode.GetID())
+        showHeatmap(heat, inputVolumeNode, opacity=opacity)
+        showSegmentationOutlines(segmentationNode)
+    except BaseException:
+        removeNodesAddedSince(scene, before)
+        raise
+    flagged = result.flagged_indices
+    logging.info("AnomalyFlag: %s: %d of %d slices flagged%s", result.name, len(flagged), len(result.slices),
+                 (": " + ", ".join(map(str, flagged))) if flagged else "")  # fmt: skip
+    return {"heatmap": heat, "table": table, "chart": chart, "result": result}
+
+
+def scoreVolumeNode(inputVolumeNode, modelPath, segmentationNode=None, segmentIds=None, device="auto",
+                    batchSize=None, thresholdOverride=None, progress=None, cancel=None, roiMarginMm=10.0,
+                    useSegmentationAsRoi=True):  # fmt: skip
+    """Read the node, score it and publish the result, synchronously (for the Python console).
+
+    With a segmentation, `segmentIds` (None: all segments) restrict flags and heatmap to those segments
+    plus `roiMarginMm`, unless `useSegmentationAsRoi` is False (then it is only shown as outlines).
+    On cancel or error the scene is left unchanged.
+    """
+    array, geometry = arrayAndGeometryFromVolumeNode(inputVolumeNode)
+    roi = None
+    if segmentationNode is not None and useSegmentationAsRoi:
+        roi = roiMaskFromSegmentation(segmentationNode, segmentIds, inputVolumeNode)
+    result = computeScores(array, geometry, modelPath, roi, device, batchSize, roiMarginMm,
+                           name=inputVolumeNode.GetName(), progress=progress, cancel=cancel)  # fmt: skip
+    return publishResult(result, inputVolumeNode, segmentationNode, thresholdOverride)
+
+
+def _loadSegmentation(scene, roiPath, referenceNode, geometry):
+    """Segmentation node from a .seg.nrrd or a label map file (one segment per label value)."""
+    roiPath = Path(roiPath)
+    segmentationNode = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", roiPath.name)
+    if roiPath.name.lower().endswith(".seg.nrrd"):
+        storage = slicer.vtkMRMLSegmentationStorageNode()
+        scene.AddNode(storage)
+        storage.SetFileName(str(roiPath))
+        if not storage.ReadData(segmentationNode):
+            raise InputError(f"segmentation '{roiPath}' cannot be read.")
+        return segmentationNode
+    from AnomalyFlagLib.roi import roi_on_image_grid
+    from AnomalyFlagLib.volume_io import read_image
+
+    image = read_image(roiPath, f"segmentation '{roiPath}'")
+    labels = sitk.GetArrayFromImage(image)
+    mask = roi_on_image_grid(image, geometry, name=f"segmentation '{roiPath}'", allow_empty=True)
+    labels = labels if labels.shape == mask.shape else mask.astype(np.uint8)
+    labelmap = scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode", f"{roiPath.name} labels")
+    updateVolumeNodeFromArray(labelmap, np.where(mask, labels, 0).astype(np.int16), geometry)
+    labelmap.SetIJKToRASMatrix(_ijkToRASMatrix(referenceNode))
+    if not slicer.vtkSlicerSegmentationsModuleLogic.ImportLabelmapToSegmentationNode(labelmap, segmentationNode):
+        raise InputError(f"label map '{roiPath}' cannot be turned into a segmentation.")
+    return segmentationNode
+
+
+def _ijkToRASMatrix(node):
+    import vtk
+
+    matrix = vtk.vtkMatrix4x4()
+    node.GetIJKToRASMatrix(matrix)
+    return matrix
+
+
+def _caseSnapshots(scene, case, result, heatmapPath, roiPath, outputFolder, size):
+    """Load a scored case into `scene`, write one PNG per flagged slice, then remove what was loaded."""
+    from AnomalyFlagLib.geometry import Geometry
+    from AnomalyFlagLib.volume_io import read_image
+
+    before = _nodeIds(scene)
+    written = []
+    try:
+        image = read_image(case.image, f"volume '{case.image}'")
+        geometry = Geometry.from_image(image)
+        volume = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", case.name)
+        updateVolumeNodeFromArray(volume, sitk.GetArrayViewFromImage(image), geometry)
+        del image
+        heat = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", f"{case.name} anomaly heatmap")
+        heatArray = sitk.GetArrayFromImage(sitk.ReadImage(str(heatmapPath)))
+        updateVolumeNodeFromArray(heat, heatArray.astype(np.uint8), geometry, ijkToRAS=None)
+        heat.SetIJKToRASMatrix(_ijkToRASMatrix(volume))
+        heat.SetAttribute(ATTR_SCALE, repr(float(result.heatmap_scale)))
+        heat.SetAttribute("AnomalyFlag.Case", case.name)
+        segmentationNode = _loadSegmentation(scene, roiPath, volume, geometry) if roiPath else None
+        normalised = result.slices["normalised"]
+        for index in result.flagged_indices:
+            path = Path(outputFolder) / f"{case.name}_slice{index}.png"
+            renderSliceSnapshot(volume, heat, segmentationNode, index, path, size=size, score=float(normalised[index]))
+            written.append(path)
+    finally:
+        removeNodesAddedSince(scene, before)
+    return written
+
+
+def scoreFolder(modelPath, inputFolder, outputFolder, device="auto", batchSize=None, snapshots=True, progress=None,
+                cancel=None, roiFolder=None, roiLabels=None, roiMarginMm=10.0, snapshotSize=512, log=None):  # fmt: skip
+    """Score every case under `inputFolder` and write the same files as `anomalyflag score` (slice CSV,
+    heatmap NRRD, summary JSON per case) into `outputFolder`, plus `<case>_slice<index>.png` for each
+    flagged slice when `snapshots`. `roiFolder` (a file for one case, or a folder of <case>.seg.nrrd /
+    <case>_seg.* / <case>_organs.* files, as `--roi`) restricts scoring and gives the snapshot outlines.
+
+    Returns one summary per case: the library's summary plus "files" and "snapshots", or
+    {"case", "error"} for a case that could not be scored. `progress(done, total)` counts per mille of
+    the whole folder; `cancel()` stops with CancelledError (finished cases keep their files).
+    """
+    from AnomalyFlagLib.cli import _roi_for
+    from AnomalyFlagLib.datasets import discover_cases
+    from AnomalyFlagLib.outputs import case_paths, heatmap_key_values, write_case_files
+    from AnomalyFlagLib.scoring import NrrdHeatmapSink
+    from AnomalyFlagLib.slice_source import open_source
+
+    log = log or logging.info
+    cases = discover_cases(inputFolder, "input")
+    outputFolder = Path(outputFolder)
+    outputFolder.mkdir(parents=True, exist_ok=True)
+    scorer = getScorer(modelPath, device, batchSize)
+    scene = slicer.mrmlScene if snapshots and slicer.mrmlScene is not None else None
+    if snapshots and scene is None:
+        scene = slicer.vtkMRMLScene()
+    total = 1000 * len(cases)
+    summaries = []
+    for ci, case in enumerate(cases):
+        if cancel is not None and cancel():
+            raise CancelledError(f"scoring of folder '{inputFolder}' was cancelled before case {case.name}.")
+
+        def caseProgress(done, count, ci=ci):
+            if progress is not None:
+                progress(1000 * ci + int(900 * done / max(count, 1)), total)
+
+        try:
+            source = open_source(case.image, name=f"volume '{case.image}'")
+            paths = case_paths(outputFolder, case.name)
+            sink = NrrdHeatmapSink(paths["heatmap"], source.geometry,
+                                   heatmap_key_values(scorer.bundle.name, scorer.calibration.threshold))  # fmt: skip
+            roiPath = _roi_for(case, roiFolder, len(cases) == 1)
+            result = scorer.score(source, roi=roiPath, roi_labels=roiLabels, roi_margin_mm=roiMarginMm,
+                                  name=case.name, heatmap_sink=sink, progress=caseProgress, cancel=cancel)  # fmt: skip
+            paths = write_case_files(result, outputFolder)
+            shots = []
+            if snapshots and result.flagged_indices:
+                shots = _caseSnapshots(scene, case, result, paths["heatmap"], roiPath, outputFolder, snapshotSize)
+            summary = result.summary()
+            summary["files"] = {k: p.name for k, p in paths.items()}
+            summary["snapshots"] = [p.name for p in shots]
+            flagged = result.flagged_indices
+            log(f"{case.name}: {len(flagged)} of {len(result.slices)} slices flagged"
+                f"{': ' + ', '.join(map(str, flagged)) if flagged else ''}")  # fmt: skip
+        except CancelledError:
+            raise
+        except AnomalyFlagError as exc:
+            summary = {"case": case.name, "error": str(exc)}
+            log(f"{case.name}: FAILED: {exc}")
+        summaries.append(summary)
+        if progress is not None:
+            progress(1000 * (ci + 1), total)
+    return summaries

@@ -14,7 +14,6 @@ from pathlib import Path
 import numpy as np
 import slicer
 import vtk
-
 from AnomalyFlagLib.errors import InputError, SessionError
 from AnomalyFlagLib.label_versions import write_new_version
 from AnomalyFlagLib.review import current_decisions, slice_change
@@ -142,9 +141,11 @@ def sliceChangeFromSegmentations(original, editedSegmentationNode, segmentId, re
     is found by ID, then by name. A segment missing from the original counts as empty."""
     geometry, frame = sliceFrame(referenceVolumeNode)
     edited = segmentLabelmapArray(editedSegmentationNode, segmentId, referenceVolumeNode)
-    editedName = editedSegmentationNode.GetSegmentation().GetSegment(
-        _requireSegmentId(editedSegmentationNode, segmentId)
-    ).GetName()
+    editedName = (
+        editedSegmentationNode.GetSegmentation()
+        .GetSegment(_requireSegmentId(editedSegmentationNode, segmentId))
+        .GetName()
+    )
     if isinstance(original, np.ndarray):
         before = original != 0
         if before.shape != edited.shape:

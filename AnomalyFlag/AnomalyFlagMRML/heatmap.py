@@ -13,7 +13,7 @@ from AnomalyFlagLib.errors import InputError
 from AnomalyFlagLib.geometry import require_same_geometry
 from AnomalyFlagLib.scoring import HEATMAP_SCALE
 
-from .volumes import geometryFromVolumeNode, ijkToRASArray, updateVolumeNodeFromArray
+from .volumes import copyVolumeGeometry, geometryFromVolumeNode, updateVolumeNodeFromArray
 
 COLOR_NODE_NAME = "AnomalyFlagHeatmap"
 HEATMAP_UNITS = "residual / calibrated pixel threshold (1.0 = pixel threshold)"
@@ -101,7 +101,8 @@ def createHeatmapNode(result, inputVolumeNode, heatmapNode=None, scene=None):
     if heatmapNode is None:
         heatmapNode = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", f"{inputVolumeNode.GetName()} anomaly heatmap")
     heatmap = np.asarray(result.heatmap, dtype=np.uint8)
-    updateVolumeNodeFromArray(heatmapNode, heatmap, result.geometry, ijkToRAS=ijkToRASArray(inputVolumeNode))
+    updateVolumeNodeFromArray(heatmapNode, heatmap, result.geometry)
+    copyVolumeGeometry(inputVolumeNode, heatmapNode)
     heatmapNode.SetAndObserveTransformNodeID(inputVolumeNode.GetTransformNodeID())
     attributes = {
         ATTR_SCALE: repr(float(result.heatmap_scale)),

@@ -113,9 +113,29 @@ def arrayAndGeometryFromVolumeNode(volumeNode, name=None):
     return array, geometryFromVolumeNode(volumeNode)
 
 
+def copyVolumeGeometry(sourceNode, targetNode):
+    """Give `targetNode` the voxel-to-RAS geometry of `sourceNode` bit for bit (MRML keeps spacing, origin
+    and axis directions separately; copying them avoids a matrix decomposition round trip)."""
+    directions = vtk.vtkMatrix4x4()
+    sourceNode.GetIJKToRASDirectionMatrix(directions)
+    wasModifying = targetNode.StartModify()
+    try:
+        targetNode.SetSpacing(sourceNode.GetSpacing())
+        targetNode.SetOrigin(sourceNode.GetOrigin())
+        # MRML ignores a direction change within its tolerance, so go through a clearly different value
+        targetNode.SetIJKToRASDirectionMatrix(vtk.vtkMatrix4x4())
+        flipped = vtk.vtkMatrix4x4()
+        flipped.SetElement(0, 0, -1.0)
+        targetNode.SetIJKToRASDirectionMatrix(flipped)
+        targetNode.SetIJKToRASDirectionMatrix(directions)
+    finally:
+        targetNode.EndModify(wasModifying)
+    return targetNode
+
+
 def updateVolumeNodeFromArray(volumeNode, array, geometry: Geometry, ijkToRAS=None):
     """Set a scalar volume node's voxels from a (k, j, i) array and its IJK-to-RAS from `geometry`
-    (or from the 4x4 `ijkToRAS` given, to copy another node's matrix bit for bit)."""
+    (or from the 4x4 `ijkToRAS` given)."""
     array = np.ascontiguousarray(array)
     if array.ndim != 3:
         raise InputError(f"a 3D (k, j, i) array is needed, not shape {array.shape}.")

@@ -16,7 +16,7 @@ from .heatmap import ATTR_SCALE, createHeatmapNode, showHeatmap
 from .scoreTable import createScoreChart, createScoreTable
 from .segmentation import roiMaskFromSegmentation, showSegmentationOutlines
 from .snapshot import renderSliceSnapshot
-from .volumes import arrayAndGeometryFromVolumeNode, updateVolumeNodeFromArray
+from .volumes import arrayAndGeometryFromVolumeNode, copyVolumeGeometry, updateVolumeNodeFromArray
 
 SCORE_TABLE_REFERENCE = "AnomalyFlag.ScoreTable"
 CHART_REFERENCE = "AnomalyFlag.Chart"
@@ -146,18 +146,10 @@ def _loadSegmentation(scene, roiPath, referenceNode, geometry):
     labels = labels if labels.shape == mask.shape else mask.astype(np.uint8)
     labelmap = scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode", f"{roiPath.name} labels")
     updateVolumeNodeFromArray(labelmap, np.where(mask, labels, 0).astype(np.int16), geometry)
-    labelmap.SetIJKToRASMatrix(_ijkToRASMatrix(referenceNode))
+    copyVolumeGeometry(referenceNode, labelmap)
     if not slicer.vtkSlicerSegmentationsModuleLogic.ImportLabelmapToSegmentationNode(labelmap, segmentationNode):
         raise InputError(f"label map '{roiPath}' cannot be turned into a segmentation.")
     return segmentationNode
-
-
-def _ijkToRASMatrix(node):
-    import vtk
-
-    matrix = vtk.vtkMatrix4x4()
-    node.GetIJKToRASMatrix(matrix)
-    return matrix
 
 
 def _caseSnapshots(scene, case, result, heatmapPath, roiPath, outputFolder, size):
@@ -175,8 +167,8 @@ def _caseSnapshots(scene, case, result, heatmapPath, roiPath, outputFolder, size
         del image
         heat = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", f"{case.name} anomaly heatmap")
         heatArray = sitk.GetArrayFromImage(sitk.ReadImage(str(heatmapPath)))
-        updateVolumeNodeFromArray(heat, heatArray.astype(np.uint8), geometry, ijkToRAS=None)
-        heat.SetIJKToRASMatrix(_ijkToRASMatrix(volume))
+        updateVolumeNodeFromArray(heat, heatArray.astype(np.uint8), geometry)
+        copyVolumeGeometry(volume, heat)
         heat.SetAttribute(ATTR_SCALE, repr(float(result.heatmap_scale)))
         heat.SetAttribute("AnomalyFlag.Case", case.name)
         segmentationNode = _loadSegmentation(scene, roiPath, volume, geometry) if roiPath else None

@@ -56,12 +56,17 @@ class SlicePreprocessor:
         return x
 
     def body_mask(self, x: torch.Tensor) -> torch.Tensor:
-        """Inside-the-body voxels of (n, 1, H, W) windowed slices: above the body threshold, with
-        enclosed low-density regions (lungs, bowel gas) filled by spanning rows and columns."""
+        """Inside-the-body pixels of (n, 1, H, W) windowed slices (see `body_mask`)."""
         c = self.config
         level = (c.body_threshold - c.window_min) / (c.window_max - c.window_min) * 2 - 1
-        tissue = torch.nn.functional.max_pool2d((x > level).float(), 3, stride=1, padding=1) > 0
-        return _span(tissue, 3) & _span(tissue, 2)
+        return body_mask(x, level)
+
+
+def body_mask(x: torch.Tensor, level: float) -> torch.Tensor:
+    """Pixels of (n, 1, H, W) slices above `level`, slightly dilated, with enclosed low-density regions
+    (lungs, bowel gas) filled by spanning rows and columns."""
+    tissue = torch.nn.functional.max_pool2d((x > level).float(), 3, stride=1, padding=1) > 0
+    return _span(tissue, 3) & _span(tissue, 2)
 
 
 def _span(mask: torch.Tensor, dim: int) -> torch.Tensor:

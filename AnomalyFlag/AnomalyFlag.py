@@ -1,0 +1,874 @@
+"""AnomalyFlag: flags CT slices on which an automatic segmentation is likely to fail.
+
+This file is the thin Slicer layer (module description, parameter node, widget, logic and self-test).
+The detector itself lives in the Slicer-independent library ``AnomalyFlagLib`` and the MRML glue in
+``AnomalyFlagMRML``; both are imported only when needed, because they import torch, which may not be
+installed yet when Slicer loads this module (see ``AnomalyFlagDependencies``).
+"""
+
+import importlib
+import logging
+import os
+import pathlib
+import sys
+import traceback
+from typing import Annotated, Optional
+
+import qt
+import slicer
+import vtk
+from slicer import vtkMRMLPlotChartNode, vtkMRMLScalarVolumeNode, vtkMRMLSegmentationNode, vtkMRMLTableNode
+from slicer.parameterNodeWrapper import Choice, WithinRange, parameterNodeWrapper
+from slicer.ScriptedLoadableModule import (
+    ScriptedLoadableModule,
+    ScriptedLoadableModuleLogic,
+    ScriptedLoadableModuleTest,
+    ScriptedLoadableModuleWidget,
+)
+from slicer.util import VTKObservationMixin
+
+try:
+    from slicer.i18n import tr as _
+    from slicer.i18n import translate
+except ImportError:  # Slicer before 5.4
+
+    def _(text):
+        return text
+
+    def translate(context, text):
+        return text
+
+
+# The library and bridge packages sit next to this file (source tree and installed extension alike).
+_MODULE_DIR = os.path.dirname(os.path.abspath(__file__))
+if _MODULE_DIR not in sys.path:
+    sys.path.insert(0, _MODULE_DIR)
+
+import AnomalyFlagDependencies  # noqa: E402 - Qt-free, imports neither torch nor MONAI
+
+DEVICE_CHOICES = ["auto", "cpu", "cuda", "mps"]
+DEMO_MODEL_NAME = "AnomalyFlagDemoChestCT"
+MODEL_METADATA_FILE = "metadata.json"
+POLL_INTERVAL_MS = 100
+
+
+def _bridge(name: str):
+    """An AnomalyFlagMRML submodule, imported on first use (it imports torch through AnomalyFlagLib)."""
+    return importlib.import_module("AnomalyFlagMRML." + name)
+
+
+#
+# AnomalyFlag
+#
+
+
+class AnomalyFlag(ScriptedLoadableModule):
+    """Module description shown in Slicer's module panel and help."""
+
+    def __init__(self, parent):
+        ScriptedLoadableModule.__init__(self, parent)
+        self.parent.title = _("Anomaly Flag")
+        self.parent.categories = [translate("qSlicerAbstractCoreModule", "Segmentation")]
+        self.parent.dependencies = []
+        self.parent.contributors = ["AnomalyFlag contributors (https://github.com/anomalyflag/SlicerAnomalyFlag)"]
+        self.parent.helpText = _(
+            "Flags the CT slices on which an automatic segmentation is likely to fail. A generative model "
+            "(f-AnoGAN) trained on normal scans reconstructs every slice; slices that differ from normal "
+            "anatomy by more than a threshold calibrated on normal scans are flagged, and an anomaly "
+            "heatmap shows where. Review the flagged slices next to the segmentation outlines and accept or "
+            "recontour them. See the "
+            '<a href="https://github.com/anomalyflag/SlicerAnomalyFlag#readme">documentation</a>.'
+        )
+        self.parent.acknowledgementText = _(
+            "AnomalyFlag uses PyTorch, MONAI, SimpleITK and safetensors. The scoring follows f-AnoGAN "
+            "(Schlegl et al., Medical Image Analysis 2019). It is a research tool, not a medical device."
+        )
+
+
+#
+# AnomalyFlagParameterNode
+#
+
+
+@parameterNodeWrapper
+class AnomalyFlagParameterNode:
+    """Everything the user chooses in the module panel; saved with the scene.
+
+    inputVolume: the CT volume whose slices are scored.
+    segmentation, segmentId: optional reference segmentation; the segment limits flags to its slices.
+    modelPath: model bundle folder; empty means the demo model that ships with the extension.
+    device: "auto" (CUDA > MPS > CPU), "cpu", "cuda" or "mps".
+    thresholdOverride: normalised-score threshold; 0 uses the model's calibrated threshold.
+    batchSize: slices per batch; 0 chooses one from the device.
+    heatmapVolume, scoreTable, scoreChart: outputs (created when not set).
+    """
+
+    inputVolume: vtkMRMLScalarVolumeNode
+    segmentation: vtkMRMLSegmentationNode
+    segmentId: str = ""
+    modelPath: pathlib.Path
+    device: Annotated[str, Choice(DEVICE_CHOICES)] = "auto"
+    thresholdOverride: Annotated[float, WithinRange(0.0, 1000.0)] = 0.0
+    batchSize: Annotated[int, WithinRange(0, 1024)] = 0
+    heatmapVolume: vtkMRMLScalarVolumeNode
+    scoreTable: vtkMRMLTableNode
+    scoreChart: vtkMRMLPlotChartNode
+
+
+def _isUnset(path) -> bool:
+    return path is None or str(path).strip() in ("", ".")
+
+
+#
+# AnomalyFlagWidget
+#
+
+
+class AnomalyFlagWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
+    """Module panel: binds the GUI to the parameter node, runs the scoring off the GUI thread."""
+
+    def __init__(self, parent=None) -> None:
+        ScriptedLoadableModuleWidget.__init__(self, parent)
+        VTKObservationMixin.__init__(self)
+        self.logic = None
+        self._parameterNode = None
+        self._parameterNodeGuiTag = None
+        self._runner = None
+        self._runInputs = None
+        self._pollTimer = None
+        self._updatingSegmentSelector = False
+
+    def setup(self) -> None:
+        ScriptedLoadableModuleWidget.setup(self)
+
+        uiWidget = slicer.util.loadUI(self.resourcePath("UI/AnomalyFlag.ui"))
+        self.layout.addWidget(uiWidget)
+        self.ui = slicer.util.childWidgetVariables(uiWidget)
+        uiWidget.setMRMLScene(slicer.mrmlScene)
+
+        self.logic = AnomalyFlagLogic()
+
+        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
+        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
+
+        # The segment selector has no parameter node connector: it follows the segmentation selector and
+        # writes the chosen segment ID into the parameter node by hand.
+        self.ui.segmentationSelector.connect("currentNodeChanged(vtkMRMLNode*)", self.onSegmentationChanged)
+        self.ui.segmentSelector.connect("currentSegmentChanged(QString)", self.onSegmentChanged)
+
+        self.ui.useDemoModelButton.connect("clicked(bool)", self.onUseDemoModel)
+        self.ui.installDependenciesButton.connect("clicked(bool)", self.onInstallDependencies)
+        self.ui.applyButton.connect("clicked(bool)", self.onApplyButton)
+        self.ui.cancelButton.connect("clicked(bool)", self.onCancelButton)
+        self.ui.flaggedSlicesListWidget.connect("currentRowChanged(int)", self.onFlaggedSliceSelected)
+        self.ui.previousFlaggedButton.connect("clicked(bool)", self.onPreviousFlagged)
+        self.ui.nextFlaggedButton.connect("clicked(bool)", self.onNextFlagged)
+
+        self.ui.progressBar.setVisible(False)
+        self.ui.cancelButton.enabled = False
+        self._updateFlaggedNavigation()
+
+        self._pollTimer = qt.QTimer()
+        self._pollTimer.setInterval(POLL_INTERVAL_MS)
+        self._pollTimer.connect("timeout()", self.onPollRunner)
+
+        self.initializeParameterNode()
+
+    def cleanup(self) -> None:
+        """Called when the application closes and the module widget is destroyed."""
+        if self._runner is not None and self._runner.isRunning():
+            self._runner.cancel()
+        if self._pollTimer is not None:
+            self._pollTimer.stop()
+        self.removeObservers()
+        self.setParameterNode(None)
+
+    def enter(self) -> None:
+        self.initializeParameterNode()
+
+    def exit(self) -> None:
+        if self._parameterNode:
+            self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
+            self._parameterNodeGuiTag = None
+            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._checkCanApply)
+
+    def onSceneStartClose(self, caller, event) -> None:
+        if self._runner is not None and self._runner.isRunning():
+            self._runner.cancel()
+        self.setParameterNode(None)
+        self._clearFlaggedList()
+
+    def onSceneEndClose(self, caller, event) -> None:
+        if self.parent.isEntered:
+            self.initializeParameterNode()
+
+    def initializeParameterNode(self) -> None:
+        """Ensure the parameter node exists and is observed; preselect the first volume."""
+        self.setParameterNode(self.logic.getParameterNode())
+        if not self._parameterNode.inputVolume:
+            firstVolumeNode = slicer.mrmlScene.GetFirstNodeByClass("vtkMRMLScalarVolumeNode")
+            if firstVolumeNode and firstVolumeNode.GetAttribute("AnomalyFlag.Role") != "heatmap":
+                self._parameterNode.inputVolume = firstVolumeNode
+
+    def setParameterNode(self, inputParameterNode: Optional[AnomalyFlagParameterNode]) -> None:
+        if self._parameterNode:
+            self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
+            self._parameterNodeGuiTag = None
+            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._checkCanApply)
+        self._parameterNode = inputParameterNode
+        if self._parameterNode:
+            self._parameterNodeGuiTag = self._parameterNode.connectGui(self.ui)
+            self.addObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._checkCanApply)
+            self._updateSegmentSelectorFromParameterNode()
+        self._checkCanApply()
+
+    # ------------------------------------------------------------------ GUI state
+
+    def _isRunning(self) -> bool:
+        return self._runner is not None and self._runner.isRunning()
+
+    def _checkCanApply(self, caller=None, event=None) -> None:
+        """Enable Apply only when the inputs are valid; say why not in the tooltip."""
+        if not hasattr(self, "ui"):
+            return
+        p = self._parameterNode
+        reason = None
+        modelText = ""
+        if p is None:
+            reason = _("The module is not initialised.")
+        else:
+            modelPath = self.logic.resolveModelPath(p.modelPath, required=False)
+            if modelPath is None:
+                modelText = _("No model selected and the demo model is not installed.")
+                reason = _("Choose a model folder.")
+            elif not (modelPath / MODEL_METADATA_FILE).is_file():
+                modelText = _("'{path}' is not a model folder (it has no {file}).").format(
+                    path=modelPath, file=MODEL_METADATA_FILE
+                )
+                reason = modelText
+            else:
+                demo = self.logic.defaultModelPath()
+                modelText = (
+                    _("Demo model: {path}") if demo is not None and modelPath == demo else _("Model: {path}")
+                ).format(path=modelPath)
+            if not p.inputVolume:
+                reason = _("Select the CT volume to score.")
+            elif p.heatmapVolume is not None and p.heatmapVolume == p.inputVolume:
+                reason = _("The heatmap volume must not be the input volume; choose another or none.")
+        if self._isRunning():
+            reason = _("Scoring is running.")
+        self.ui.modelInfoLabel.text = modelText
+        self.ui.applyButton.enabled = reason is None
+        self.ui.applyButton.toolTip = reason or _("Score every slice of the input volume.")
+
+    def _setRunning(self, running: bool) -> None:
+        self.ui.cancelButton.enabled = running
+        self.ui.progressBar.setVisible(running)
+        for section in (self.ui.inputsCollapsibleButton, self.ui.modelCollapsibleButton,
+                        self.ui.outputsCollapsibleButton, self.ui.advancedCollapsibleButton):  # fmt: skip
+            section.enabled = not running
+        if running:
+            self.ui.progressBar.setRange(0, 0)  # busy until the first progress event
+            self.ui.progressBar.value = 0
+        self._checkCanApply()
+
+    def _log(self, text: str) -> None:
+        logging.info("AnomalyFlag: %s", text)
+        self.ui.logTextEdit.appendPlainText(text)
+
+    def _setStatus(self, text: str) -> None:
+        self.ui.statusLabel.text = text
+        self._log(text)
+
+    # ------------------------------------------------------------------ segment selection
+
+    def _updateSegmentSelectorFromParameterNode(self) -> None:
+        p = self._parameterNode
+        self._updatingSegmentSelector = True
+        try:
+            self.ui.segmentSelector.setCurrentNode(p.segmentation if p else None)
+            if p and p.segmentation and p.segmentId:
+                self.ui.segmentSelector.setCurrentSegmentID(p.segmentId)
+        finally:
+            self._updatingSegmentSelector = False
+
+    def onSegmentationChanged(self, node) -> None:
+        """Point the segment selector at the new segmentation; keep the stored segment when it is in it."""
+        p = self._parameterNode
+        self._updatingSegmentSelector = True
+        try:
+            self.ui.segmentSelector.setCurrentNode(node)
+            keep = bool(p and node and p.segmentId and node.GetSegmentation().GetSegment(p.segmentId))
+            if keep:
+                self.ui.segmentSelector.setCurrentSegmentID(p.segmentId)
+        finally:
+            self._updatingSegmentSelector = False
+        if p and not keep:
+            p.segmentId = (self.ui.segmentSelector.currentSegmentID() or "") if node else ""
+
+    def onSegmentChanged(self, segmentId) -> None:
+        if self._updatingSegmentSelector or not self._parameterNode:
+            return
+        self._parameterNode.segmentId = segmentId or ""
+
+    # ------------------------------------------------------------------ buttons
+
+    def onUseDemoModel(self) -> None:
+        demo = self.logic.defaultModelPath()
+        if demo is None:
+            slicer.util.errorDisplay(
+                _("The demo model is not installed. Looked in:\n{paths}").format(
+                    paths="\n".join(str(p) for p in self.logic.demoModelCandidates())
+                )
+            )
+            return
+        self._parameterNode.modelPath = demo
+
+    def onInstallDependencies(self) -> None:
+        with slicer.util.tryWithErrorDisplay(_("Installing the AnomalyFlag dependencies failed."), waitCursor=True):
+            missing = AnomalyFlagDependencies.missingDependencies()
+            if not missing:
+                slicer.util.infoDisplay(_("PyTorch, MONAI and safetensors are installed."))
+                return
+            if AnomalyFlagDependencies.installDependencies(confirm=slicer.util.confirmOkCancelDisplay):
+                self._log(_("Installed: {packages}").format(packages=", ".join(missing)))
+
+    def _ensureDependencies(self) -> bool:
+        """True when torch, MONAI and safetensors can be imported; asks to install them when not."""
+        missing = AnomalyFlagDependencies.missingDependencies()
+        if not missing:
+            return True
+        if not AnomalyFlagDependencies.installDependencies(confirm=slicer.util.confirmOkCancelDisplay):
+            self._setStatus(_("Not started: {packages} must be installed first.").format(packages=", ".join(missing)))
+            return False
+        return True
+
+    def onApplyButton(self) -> None:
+        """Read the inputs on the main thread, then score in a worker thread polled by a timer."""
+        if self._isRunning():
+            return
+        self.ui.logTextEdit.clear()
+        self._clearFlaggedList()
+        with slicer.util.tryWithErrorDisplay(_("Anomaly scoring could not start."), waitCursor=True):
+            if not self._ensureDependencies():
+                return
+            p = self._parameterNode
+            job = self.logic.prepareScoring(
+                p.inputVolume,
+                modelPath=p.modelPath,
+                segmentationNode=p.segmentation,
+                segmentId=p.segmentId or None,
+                device=p.device,
+                batchSize=p.batchSize or None,
+            )
+            self._runInputs = {
+                "inputVolume": p.inputVolume,
+                "segmentation": p.segmentation,
+                "thresholdOverride": p.thresholdOverride or None,
+            }
+            self._runner = _bridge("runner").ThreadRunner()
+            self._setStatus(
+                _("Scoring '{volume}' with model {model} ...").format(
+                    volume=p.inputVolume.GetName(), model=job["modelPath"]
+                )
+            )
+            self._runner.start(_computeScoresTask, **job)
+            self._setRunning(True)
+            self._pollTimer.start()
+
+    def onCancelButton(self) -> None:
+        if self._isRunning():
+            self._runner.cancel()
+            self.ui.cancelButton.enabled = False
+            self._setStatus(_("Cancelling ..."))
+
+    def onPollRunner(self) -> None:
+        """Handle the events the worker thread queued since the last tick (runs on the GUI thread)."""
+        if self._runner is None:
+            self._pollTimer.stop()
+            return
+        try:
+            stopped = not self._runner.isRunning()
+            for event in self._runner.poll():
+                self._handleRunnerEvent(event)
+        except Exception as exc:  # a bug here must not leave the timer firing forever
+            self._finishRun()
+            logging.error(traceback.format_exc())
+            slicer.util.errorDisplay(_("Anomaly scoring failed: {error}").format(error=exc))
+            return
+        if stopped and self._runInputs is not None:
+            # The worker had ended before this poll yet queued no final event (the runner guarantees one).
+            self._finishRun()
+            self._showRunError(RuntimeError(_("the background computation ended without a result.")), "")
+
+    def _handleRunnerEvent(self, event) -> None:
+        kind = event[0]
+        if kind == "progress":
+            done, total = int(event[1]), int(event[2])
+            self.ui.progressBar.setRange(0, max(total, 1))
+            self.ui.progressBar.value = done
+            self.ui.statusLabel.text = _("Scored {done} of {total} slices").format(done=done, total=total)
+        elif kind == "log":
+            self._log(str(event[1]))
+        elif kind == "done":
+            inputs = self._runInputs
+            self._finishRun()
+            self._publish(event[1], inputs)
+        elif kind == "error":
+            exc, tb = event[1], event[2] if len(event) > 2 else ""
+            self._finishRun()
+            self._showRunError(exc, tb)
+        elif kind == "cancelled":
+            self._finishRun()
+            self._setStatus(_("Scoring cancelled; nothing was changed in the scene."))
+
+    def _finishRun(self) -> None:
+        self._pollTimer.stop()
+        self._runInputs = None
+        self._setRunning(False)
+
+    def _showRunError(self, exc, tb) -> None:
+        self._setStatus(_("Scoring failed."))
+        if tb:
+            logging.error("AnomalyFlag scoring failed:\n%s", tb)
+            self.ui.logTextEdit.appendPlainText(str(tb))
+        errors = importlib.import_module("AnomalyFlagLib.errors")
+        if isinstance(exc, errors.AnomalyFlagError):
+            slicer.util.errorDisplay(_("Anomaly scoring failed:\n{error}").format(error=exc))
+        else:
+            slicer.util.errorDisplay(
+                _("Anomaly scoring failed ({kind}): {error}").format(kind=type(exc).__name__, error=exc),
+                detailedText=str(tb),
+            )
+
+    def _publish(self, result, inputs) -> None:
+        """Create or update the output nodes on the main thread and fill the flagged-slice list."""
+        with slicer.util.tryWithErrorDisplay(
+            _("Scoring finished but the results could not be shown."), waitCursor=True
+        ):
+            p = self._parameterNode
+            outputs = self.logic.publishResult(
+                result,
+                inputs["inputVolume"],
+                segmentationNode=inputs["segmentation"],
+                thresholdOverride=inputs["thresholdOverride"],
+                heatmapNode=p.heatmapVolume,
+                tableNode=p.scoreTable,
+                chartNode=p.scoreChart,
+            )
+            p.heatmapVolume = outputs["heatmap"]
+            p.scoreTable = outputs["table"]
+            p.scoreChart = outputs["chart"]
+            result = outputs["result"]
+            self._showChart(outputs["chart"])
+            flagged = self._populateFlaggedList(outputs["table"], result)
+            self._setStatus(
+                _("Done: {flagged} of {total} slices flagged ({seconds} s).").format(
+                    flagged=len(flagged),
+                    total=len(result.slices),
+                    seconds=result.timings.get("total", "?"),
+                )
+            )
+
+    @staticmethod
+    def _showChart(chartNode) -> None:
+        if chartNode is None:
+            return
+        try:
+            slicer.modules.plots.logic().ShowChartInLayout(chartNode)
+        except Exception as exc:  # the Plots module may be disabled; the chart is in the scene anyway
+            logging.warning("AnomalyFlag: cannot show the score chart: %s", exc)
+
+    # ------------------------------------------------------------------ flagged slices
+
+    def _clearFlaggedList(self) -> None:
+        self.ui.flaggedSlicesListWidget.clear()
+        self.ui.flaggedSummaryLabel.text = _("No results yet.")
+        self._updateFlaggedNavigation()
+
+    def _populateFlaggedList(self, tableNode, result=None) -> list:
+        """List the flagged slices of the table (with their normalised score when `result` is given)."""
+        flagged = self.logic.flaggedSlices(tableNode)
+        scores = result.slices["normalised"] if result is not None else None
+        listWidget = self.ui.flaggedSlicesListWidget
+        listWidget.blockSignals(True)
+        listWidget.clear()
+        for sliceIndex in flagged:
+            text = _("Slice {index}").format(index=sliceIndex)
+            if scores is not None and 0 <= sliceIndex < len(scores):
+                text += "    " + _("score {score}").format(score=f"{float(scores[sliceIndex]):.2f}")
+            item = qt.QListWidgetItem(text)
+            item.setData(qt.Qt.UserRole, int(sliceIndex))
+            listWidget.addItem(item)
+        listWidget.blockSignals(False)
+        if flagged:
+            self.ui.flaggedSummaryLabel.text = _(
+                "{count} flagged slice(s). Select one to show it; scores are normalised (threshold {threshold})."
+            ).format(count=len(flagged), threshold=self._thresholdText(tableNode))
+        else:
+            self.ui.flaggedSummaryLabel.text = _("No slice is over the threshold.")
+        self._updateFlaggedNavigation()
+        return flagged
+
+    def _updateFlaggedNavigation(self) -> None:
+        count = self.ui.flaggedSlicesListWidget.count
+        row = self.ui.flaggedSlicesListWidget.currentRow
+        self.ui.previousFlaggedButton.enabled = count > 0 and row > 0
+        self.ui.nextFlaggedButton.enabled = count > 0 and row < count - 1
+
+    @staticmethod
+    def _thresholdText(tableNode) -> str:
+        value = tableNode.GetAttribute("AnomalyFlag.Threshold") if tableNode is not None else None
+        try:
+            return f"{float(value):.2f}"
+        except (TypeError, ValueError):
+            return "?"
+
+    def onFlaggedSliceSelected(self, row: int) -> None:
+        self._updateFlaggedNavigation()
+        item = self.ui.flaggedSlicesListWidget.item(row) if row >= 0 else None
+        if item is None or not self._parameterNode:
+            return
+        with slicer.util.tryWithErrorDisplay(_("Cannot show the flagged slice.")):
+            self.logic.jumpToFlaggedSlice(
+                self._parameterNode.inputVolume, self._parameterNode.heatmapVolume, int(item.data(qt.Qt.UserRole))
+            )
+
+    def onPreviousFlagged(self) -> None:
+        listWidget = self.ui.flaggedSlicesListWidget
+        if listWidget.currentRow > 0:
+            listWidget.setCurrentRow(listWidget.currentRow - 1)
+
+    def onNextFlagged(self) -> None:
+        listWidget = self.ui.flaggedSlicesListWidget
+        if listWidget.currentRow < listWidget.count - 1:
+            listWidget.setCurrentRow(listWidget.currentRow + 1)
+
+
+def _computeScoresTask(progress, log, cancelRequested, **job):
+    """Worker-thread body: scores arrays only (no MRML, no Qt)."""
+    return AnomalyFlagLogic.computeScores(progress=progress, log=log, cancel=cancelRequested, **job)
+
+
+#
+# AnomalyFlagLogic
+#
+
+
+class AnomalyFlagLogic(ScriptedLoadableModuleLogic):
+    """Scoring without the GUI; usable from Slicer's Python console.
+
+    Example::
+
+        logic = slicer.util.getModuleLogic("AnomalyFlag")
+        outputs = logic.scoreVolume(slicer.util.getNode("CT"), device="cpu")
+        print(logic.flaggedSlices(outputs["table"]))
+        logic.jumpToFlaggedSlice(slicer.util.getNode("CT"), outputs["heatmap"], 12)
+
+    Heavy packages (torch, MONAI) are imported on the first scoring call, after checking that they are
+    installed; ``AnomalyFlagDependencies.installDependencies()`` installs them (it asks first).
+    """
+
+    def __init__(self) -> None:
+        ScriptedLoadableModuleLogic.__init__(self)
+
+    def getParameterNode(self) -> AnomalyFlagParameterNode:
+        return AnomalyFlagParameterNode(super().getParameterNode())
+
+    # ------------------------------------------------------------------ model location
+
+    @staticmethod
+    def demoModelCandidates() -> list:
+        """Where the demo model bundle may be, in order of preference.
+
+        1. ``<module dir>/Resources/Models/AnomalyFlagDemoChestCT``: the build tree and the installed
+           extension. AnomalyFlag/CMakeLists.txt copies the bundle from the repository's top-level
+           ``Resources/Models`` into the module's Resources folder and installs it there.
+        2. ``<module dir>/../Resources/Models/AnomalyFlagDemoChestCT``: the source tree, when Slicer loads
+           AnomalyFlag.py straight from a checkout (Additional module paths = <repo>/AnomalyFlag).
+        """
+        moduleDir = pathlib.Path(_MODULE_DIR)
+        return [
+            moduleDir / "Resources" / "Models" / DEMO_MODEL_NAME,
+            moduleDir.parent / "Resources" / "Models" / DEMO_MODEL_NAME,
+        ]
+
+    def defaultModelPath(self) -> Optional[pathlib.Path]:
+        """Folder of the demo model bundle that ships with the extension, or None when it is absent."""
+        for candidate in self.demoModelCandidates():
+            if (candidate / MODEL_METADATA_FILE).is_file():
+                return candidate
+        return None
+
+    def resolveModelPath(self, modelPath=None, required: bool = True) -> Optional[pathlib.Path]:
+        """`modelPath` as a Path, or the demo model when it is empty.
+
+        With `required`, raises ValueError naming the folders searched when no model can be found.
+        """
+        if not _isUnset(modelPath):
+            return pathlib.Path(str(modelPath)).expanduser()
+        demo = self.defaultModelPath()
+        if demo is None and required:
+            raise ValueError(
+                _("No model folder is selected and the demo model is not installed (looked in {paths}).").format(
+                    paths=", ".join(str(p) for p in self.demoModelCandidates())
+                )
+            )
+        return demo
+
+    # ------------------------------------------------------------------ dependencies
+
+    @staticmethod
+    def requireDependencies() -> None:
+        """Raise a clear error when torch, MONAI or safetensors is missing (nothing is installed here)."""
+        missing = AnomalyFlagDependencies.missingDependencies()
+        if missing:
+            raise AnomalyFlagDependencies.DependencyInstallError(
+                _(
+                    "AnomalyFlag needs {packages}. Press Apply in the module panel to install them, or run "
+                    "AnomalyFlagDependencies.installDependencies() in the Python console."
+                ).format(packages=", ".join(missing))
+            )
+
+    # ------------------------------------------------------------------ scoring in three steps
+
+    def prepareScoring(self, inputVolumeNode, modelPath=None, segmentationNode=None, segmentId=None,
+                       device="auto", batchSize=None, roiMarginMm=10.0) -> dict:  # fmt: skip
+        """Main thread: read the voxels, geometry and optional ROI mask out of MRML.
+
+        Returns the keyword arguments of :meth:`computeScores` (plain arrays, no MRML objects), so that
+        the scoring itself can run in a worker thread.
+        """
+        self.requireDependencies()
+        if inputVolumeNode is None:
+            raise ValueError(_("No input volume is selected."))
+        resolved = self.resolveModelPath(modelPath)
+        if not resolved.is_dir():
+            raise ValueError(_("Model folder '{path}' does not exist.").format(path=resolved))
+        if device not in DEVICE_CHOICES and not str(device).startswith("cuda:"):
+            raise ValueError(
+                _("Unknown device '{device}'; choose one of {choices}.").format(
+                    device=device, choices=", ".join(DEVICE_CHOICES)
+                )
+            )
+        array, geometry = _bridge("volumes").arrayAndGeometryFromVolumeNode(inputVolumeNode)
+        roiMask = None
+        if segmentationNode is not None and segmentId:
+            roiMask = _bridge("segmentation").roiMaskFromSegmentation(segmentationNode, [segmentId], inputVolumeNode)
+        return {
+            "array": array,
+            "geometry": geometry,
+            "modelPath": resolved,
+            "roiMask": roiMask,
+            "device": device or "auto",
+            "batchSize": batchSize or None,
+            "roiMarginMm": roiMarginMm,
+            "name": inputVolumeNode.GetName(),
+        }
+
+    @staticmethod
+    def computeScores(array, geometry, modelPath, roiMask=None, device="auto", batchSize=None, roiMarginMm=10.0,
+                      name="volume", progress=None, log=None, cancel=None):  # fmt: skip
+        """Any thread: score the slices of an array (no MRML access). Returns a CaseResult."""
+        if log is not None:
+            log(_("Loading model {path} on device '{device}' ...").format(path=modelPath, device=device))
+        return _bridge("workflow").computeScores(
+            array,
+            geometry,
+            modelPath,
+            roiMask=roiMask,
+            device=device,
+            batchSize=batchSize,
+            roiMarginMm=roiMarginMm,
+            name=name,
+            progress=progress,
+            cancel=cancel,
+        )
+
+    def publishResult(self, result, inputVolumeNode, segmentationNode=None, thresholdOverride=None,
+                      heatmapNode=None, tableNode=None, chartNode=None) -> dict:  # fmt: skip
+        """Main thread: write a CaseResult into heatmap, table and chart nodes (created when None) and show
+        the heatmap over the input with the segmentation outlines. A threshold override re-flags slices.
+
+        Returns dict(heatmap=, table=, chart=, result=) where result carries the threshold used.
+        """
+        return _bridge("workflow").publishResult(
+            result,
+            inputVolumeNode,
+            segmentationNode=segmentationNode,
+            thresholdOverride=thresholdOverride,
+            heatmapNode=heatmapNode,
+            tableNode=tableNode,
+            chartNode=chartNode,
+        )
+
+    # ------------------------------------------------------------------ console API
+
+    def scoreVolume(self, inputVolumeNode, modelPath=None, segmentationNode=None, segmentId=None, device="auto",
+                    batchSize=None, thresholdOverride=None, heatmapNode=None, tableNode=None, chartNode=None,
+                    progress=None) -> dict:  # fmt: skip
+        """Score every slice of a volume node and create (or update) the output nodes. Blocks until done.
+
+        :param inputVolumeNode: scalar volume node (a CT).
+        :param modelPath: model bundle folder; None uses the demo model.
+        :param segmentationNode, segmentId: optional reference segment that limits flags to its slices.
+        :param device: "auto", "cpu", "cuda" (or "cuda:N") or "mps"; a GPU that is absent is an error.
+        :param batchSize: slices per batch; None chooses from the device.
+        :param thresholdOverride: normalised-score threshold; None uses the model's calibrated threshold.
+        :param heatmapNode, tableNode, chartNode: output nodes to overwrite; None creates new ones.
+        :param progress: optional callable(done, total).
+        :returns: dict(heatmap=volume node, table=table node, chart=plot chart node, result=CaseResult).
+        """
+        job = self.prepareScoring(inputVolumeNode, modelPath, segmentationNode, segmentId, device, batchSize)
+        result = self.computeScores(progress=progress, log=logging.info, **job)
+        return self.publishResult(result, inputVolumeNode, segmentationNode, thresholdOverride, heatmapNode,
+                                  tableNode, chartNode)  # fmt: skip
+
+    def scoreFolder(self, inputFolder, outputFolder, modelPath=None, device="auto", batchSize=None, snapshots=True,
+                    progress=None, cancel=None, **options):  # fmt: skip
+        """Score every volume in `inputFolder`; write per-case slice tables (CSV), heatmaps (NRRD) and
+        summaries (JSON) to `outputFolder`, plus a PNG of each flagged slice when `snapshots`.
+
+        `options` go to ``AnomalyFlagMRML.workflow.scoreFolder`` (roiFolder, roiLabels, roiMarginMm,
+        snapshotSize, log). Returns one summary dict per case (with "error" for a case that failed).
+        """
+        self.requireDependencies()
+        return _bridge("workflow").scoreFolder(
+            self.resolveModelPath(modelPath),
+            inputFolder,
+            outputFolder,
+            device=device,
+            batchSize=batchSize,
+            snapshots=snapshots,
+            progress=progress,
+            cancel=cancel,
+            **options,
+        )
+
+    # ------------------------------------------------------------------ review
+
+    @staticmethod
+    def flaggedSlices(tableNode) -> list:
+        """Slice indices flagged in an AnomalyFlag score table, in slice order."""
+        if tableNode is None:
+            return []
+        return [int(i) for i in _bridge("scoreTable").flaggedSlicesFromTable(tableNode)]
+
+    def jumpToFlaggedSlice(self, volumeNode, heatmapNode, sliceIndex, sliceNodes=None):
+        """Centre the slice views on voxel slice `sliceIndex` of `volumeNode` with the heatmap shown."""
+        if volumeNode is None:
+            raise ValueError(_("No volume to navigate in."))
+        return _bridge("navigation").jumpToSlice(volumeNode, heatmapNode, int(sliceIndex), sliceNodes=sliceNodes)
+
+
+#
+# AnomalyFlagTest
+#
+
+
+class AnomalyFlagTest(ScriptedLoadableModuleTest):
+    """Self-test: phantom CT -> tiny model trained on the spot -> scores through the Logic -> checks."""
+
+    def setUp(self):
+        slicer.mrmlScene.Clear()
+
+    def runTest(self):
+        self.setUp()
+        self.test_ModelLocation()
+        self.setUp()
+        self.test_ScoreVolume()
+
+    def test_ModelLocation(self):
+        logic = AnomalyFlagLogic()
+        candidates = logic.demoModelCandidates()
+        self.assertEqual(candidates[0].parent.name, "Models")
+        demo = logic.defaultModelPath()
+        if demo is not None:
+            self.assertTrue((demo / MODEL_METADATA_FILE).is_file())
+            self.assertEqual(logic.resolveModelPath(""), demo)
+        self.assertEqual(logic.resolveModelPath("/some/model"), pathlib.Path("/some/model"))
+
+    def test_ScoreVolume(self):
+        missing = AnomalyFlagDependencies.missingDependencies()
+        if missing:
+            self.delayDisplay(f"Skipping the scoring test: {', '.join(missing)} not installed")
+            logging.warning("AnomalyFlagTest: scoring test skipped; missing %s", missing)
+            return
+
+        import tempfile
+
+        import numpy as np
+        from AnomalyFlagLib.config import ModelConfig, PreprocessConfig
+        from AnomalyFlagLib.detector import TrainingOptions
+        from AnomalyFlagLib.phantom import make_phantom, make_phantom_set
+        from AnomalyFlagLib.training import train
+
+        self.delayDisplay("Training a tiny model on phantom CTs")
+        tempDir = tempfile.TemporaryDirectory(prefix="AnomalyFlagTest")
+        self.addCleanup(tempDir.cleanup)
+        root = pathlib.Path(tempDir.name)
+        numSlices, size = 24, 64
+        make_phantom_set(root / "normal", num_cases=3, anomalous=False, seed=0, num_slices=numSlices, size=size)
+        modelPath = train(
+            root / "normal",
+            root / "model",
+            ModelConfig(image_size=64, latent_dim=32, base_width=8, max_width=32),
+            PreprocessConfig(window_min=-300.0, window_max=400.0, fov_mm=None),
+            options=TrainingOptions(batch_size=16, gan_iterations=20, encoder_iterations=20, critic_steps=2),
+            device="cpu",
+            log=logging.info,
+        )
+
+        self.delayDisplay("Scoring a phantom with a stent")
+        phantom = make_phantom(num_slices=numSlices, size=size, seed=5, anomalies=["metal_stent"])
+        paths = phantom.save(root / "case", "stent")
+        volumeNode = slicer.util.loadVolume(str(paths["image"]))
+        logic = AnomalyFlagLogic()
+        progressCalls = []
+        outputs = logic.scoreVolume(
+            volumeNode, modelPath=modelPath, device="cpu", progress=lambda d, t: progressCalls.append((d, t))
+        )
+        self.assertTrue(progressCalls and progressCalls[-1][0] == progressCalls[-1][1] == numSlices)
+
+        # Heatmap: same grid as the CT, voxel for voxel.
+        heatmap = outputs["heatmap"]
+        self.assertIsNotNone(heatmap)
+        self.assertEqual(heatmap.GetImageData().GetDimensions(), volumeNode.GetImageData().GetDimensions())
+        inputMatrix, heatmapMatrix = vtk.vtkMatrix4x4(), vtk.vtkMatrix4x4()
+        volumeNode.GetIJKToRASMatrix(inputMatrix)
+        heatmap.GetIJKToRASMatrix(heatmapMatrix)
+        for r in range(4):
+            for c in range(4):
+                self.assertAlmostEqual(inputMatrix.GetElement(r, c), heatmapMatrix.GetElement(r, c), places=6)
+        heatmapArray = slicer.util.arrayFromVolume(heatmap).copy()
+        self.assertEqual(heatmapArray.shape, (numSlices, size, size))
+
+        # Table: one row per slice.
+        table = outputs["table"]
+        self.assertEqual(table.GetNumberOfRows(), numSlices)
+        self.assertEqual(len(outputs["result"].slices), numSlices)
+        flagged = logic.flaggedSlices(table)
+        self.assertEqual(flagged, sorted(outputs["result"].flagged_indices))
+
+        # Display: heatmap over the CT in the slice views, with a colour table and a threshold.
+        displayNode = heatmap.GetDisplayNode()
+        self.assertIsNotNone(displayNode)
+        self.assertTrue(displayNode.GetColorNodeID())
+        composites = slicer.mrmlScene.GetNodesByClass("vtkMRMLSliceCompositeNode")
+        for i in range(composites.GetNumberOfItems()):
+            composite = composites.GetItemAsObject(i)
+            self.assertEqual(composite.GetBackgroundVolumeID(), volumeNode.GetID())
+            self.assertEqual(composite.GetForegroundVolumeID(), heatmap.GetID())
+            self.assertGreater(composite.GetForegroundOpacity(), 0.0)
+        self.assertIsNotNone(outputs["chart"])
+
+        # Navigation to a slice does not fail (flagged or not).
+        logic.jumpToFlaggedSlice(volumeNode, heatmap, flagged[0] if flagged else numSlices // 2)
+
+        # A threshold nobody reaches flags nothing; the same nodes are reused.
+        again = logic.scoreVolume(volumeNode, modelPath=modelPath, device="cpu", thresholdOverride=1.0e6,
+                                  heatmapNode=heatmap, tableNode=table, chartNode=outputs["chart"])  # fmt: skip
+        self.assertIs(again["heatmap"], heatmap)
+        self.assertEqual(logic.flaggedSlices(again["table"]), [])
+        self.assertTrue(np.array_equal(slicer.util.arrayFromVolume(heatmap), heatmapArray))
+        self.delayDisplay("Test passed")

@@ -207,6 +207,8 @@ class AnomalyFlagWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.setParameterNode(self.logic.getParameterNode())
         if not self._parameterNode.inputVolume:
             firstVolumeNode = slicer.mrmlScene.GetFirstNodeByClass("vtkMRMLScalarVolumeNode")
+            # Not a heatmap of an earlier run (AnomalyFlagMRML.heatmap marks those; not imported here
+            # because the bridge needs torch, which may not be installed yet).
             if firstVolumeNode and firstVolumeNode.GetAttribute("AnomalyFlag.Role") != "heatmap":
                 self._parameterNode.inputVolume = firstVolumeNode
 
@@ -293,18 +295,18 @@ class AnomalyFlagWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self._updatingSegmentSelector = False
 
     def onSegmentationChanged(self, node) -> None:
-        """Point the segment selector at the new segmentation; keep the stored segment when it is in it."""
+        """Point the segment selector at the new segmentation. The stored segment is kept when the new
+        segmentation has it; otherwise no segment is selected (outlines only, the whole scan is scored)."""
         p = self._parameterNode
+        keep = bool(p and node and p.segmentId and node.GetSegmentation().GetSegment(p.segmentId))
         self._updatingSegmentSelector = True
         try:
             self.ui.segmentSelector.setCurrentNode(node)
-            keep = bool(p and node and p.segmentId and node.GetSegmentation().GetSegment(p.segmentId))
-            if keep:
-                self.ui.segmentSelector.setCurrentSegmentID(p.segmentId)
+            self.ui.segmentSelector.setCurrentSegmentID(p.segmentId if keep else "")
         finally:
             self._updatingSegmentSelector = False
-        if p and not keep:
-            p.segmentId = (self.ui.segmentSelector.currentSegmentID() or "") if node else ""
+        if p and not keep and p.segmentId:
+            p.segmentId = ""
 
     def onSegmentChanged(self, segmentId) -> None:
         if self._updatingSegmentSelector or not self._parameterNode:
@@ -443,6 +445,10 @@ class AnomalyFlagWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def _publish(self, result, inputs) -> None:
         """Create or update the output nodes on the main thread and fill the flagged-slice list."""
+        volume = inputs["inputVolume"] if inputs else None
+        if self._parameterNode is None or volume is None or volume.GetScene() is None:
+            self._setStatus(_("The scene was closed or the input volume removed while scoring; result discarded."))
+            return
         with slicer.util.tryWithErrorDisplay(
             _("Scoring finished but the results could not be shown."), waitCursor=True
         ):
@@ -518,11 +524,8 @@ class AnomalyFlagWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     @staticmethod
     def _thresholdText(tableNode) -> str:
-        value = tableNode.GetAttribute("AnomalyFlag.Threshold") if tableNode is not None else None
-        try:
-            return f"{float(value):.2f}"
-        except (TypeError, ValueError):
-            return "?"
+        threshold = _bridge("scoreTable").tableThreshold(tableNode)
+        return "?" if threshold is None else f"{threshold:.2f}"
 
     def onFlaggedSliceSelected(self, row: int) -> None:
         self._updateFlaggedNavigation()
@@ -642,15 +645,7 @@ class AnomalyFlagLogic(ScriptedLoadableModuleLogic):
         self.requireDependencies()
         if inputVolumeNode is None:
             raise ValueError(_("No input volume is selected."))
-        resolved = self.resolveModelPath(modelPath)
-        if not resolved.is_dir():
-            raise ValueError(_("Model folder '{path}' does not exist.").format(path=resolved))
-        if device not in DEVICE_CHOICES and not str(device).startswith("cuda:"):
-            raise ValueError(
-                _("Unknown device '{device}'; choose one of {choices}.").format(
-                    device=device, choices=", ".join(DEVICE_CHOICES)
-                )
-            )
+        resolved = self.resolveModelPath(modelPath)  # the bundle and the device are checked when loading
         array, geometry = _bridge("volumes").arrayAndGeometryFromVolumeNode(inputVolumeNode)
         roiMask = None
         if segmentationNode is not None and segmentId:

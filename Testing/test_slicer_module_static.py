@@ -1081,16 +1081,20 @@ def test_logic_runs_the_widget_path_through_the_thread_runner(module_on_mrml, mr
     assert [e[0] for e in cancelled.poll()][-1] == "cancelled"
 
 
-def test_logic_refuses_to_score_without_dependencies_or_model(module_on_mrml, mrml_scene, stent_volume, monkeypatch,
-                                                              tmp_path):  # fmt: skip
+def test_logic_errors_name_the_cause_and_leave_the_scene_alone(module_on_mrml, mrml_scene, stent_volume, monkeypatch,
+                                                               tmp_path, tiny_model):  # fmt: skip
+    from AnomalyFlagLib.errors import BundleError, DeviceError
+
     _, volume = stent_volume
     logic = module_on_mrml.AnomalyFlagLogic()
     deps_module = module_on_mrml.AnomalyFlagDependencies
+    nodes = mrml_scene.GetNumberOfNodes()
     with monkeypatch.context() as patch:
         patch.setattr(deps_module, "missingDependencies", lambda: ["torch>=2.1"])
         with pytest.raises(deps_module.DependencyInstallError, match="torch>=2.1"):
-            logic.scoreVolume(volume, modelPath=tmp_path)
-    with pytest.raises(ValueError, match="does not exist"):
-        logic.prepareScoring(volume, modelPath=tmp_path / "nowhere")
-    with pytest.raises(ValueError, match="Unknown device"):
-        logic.prepareScoring(volume, modelPath=tmp_path, device="tpu")
+            logic.scoreVolume(volume, modelPath=tiny_model)
+    with pytest.raises(BundleError, match="nowhere"):
+        logic.scoreVolume(volume, modelPath=tmp_path / "nowhere")
+    with pytest.raises(DeviceError, match="tpu"):
+        logic.scoreVolume(volume, modelPath=tiny_model, device="tpu")
+    assert mrml_scene.GetNumberOfNodes() == nodes

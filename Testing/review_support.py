@@ -12,7 +12,7 @@ THRESHOLD = 2.0
 
 def make_case_outputs(folder, case="case1", num_slices=40, flagged=(3, 7, 8, 15, 20, 31), roi=False,
                       model_fingerprint="model-a-fingerprint", spacing=(1.0, 1.0, 2.5), seed=0,
-                      model_name="tiny") -> Path:  # fmt: skip
+                      model_name="tiny", score_offset=0.0, fraction_offset=0.0) -> Path:  # fmt: skip
     """Write <case>_slices.csv and <case>_summary.json with known scores: FLAGGED slices score above the
     threshold with distinct normalised scores (higher for later entries of FLAGGED reversed) and anomaly
     fractions ordered differently, so the two review orders differ."""
@@ -21,8 +21,8 @@ def make_case_outputs(folder, case="case1", num_slices=40, flagged=(3, 7, 8, 15,
     normalised = rng.uniform(-1.0, 1.5, n)
     fraction = rng.uniform(0.0, 0.01, n)
     for rank, k in enumerate(flagged):
-        normalised[k] = THRESHOLD + 1.0 + 0.5 * rank  # last in FLAGGED = highest score
-        fraction[k] = 0.05 + 0.1 * ((rank * 5) % len(flagged)) / len(flagged)
+        normalised[k] = THRESHOLD + 1.0 + 0.5 * rank + score_offset  # last in FLAGGED = highest score
+        fraction[k] = 0.05 + 0.1 * ((rank * 5) % len(flagged)) / len(flagged) + fraction_offset
     in_roi = np.ones(n, dtype=bool)
     roi_info = None
     if roi:

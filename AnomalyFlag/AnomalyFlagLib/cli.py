@@ -90,6 +90,7 @@ def _parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("info", help="print a model bundle's metadata after verifying it")
     p.add_argument("--model", required=True)
+    _add_active_learning_parsers(sub)
     return parser
 
 
@@ -211,12 +212,74 @@ def _cmd_info(a):
     print(json.dumps(bundle.metadata, indent=2))
 
 
+def _add_active_learning_parsers(sub):
+    p = sub.add_parser("worklist", help="rank unlabelled scans by anomaly (what to label first) into worklist.csv")
+    p.add_argument("--model", help="model bundle folder (to score --input)")
+    p.add_argument("--input", help="volume file, folder of volumes or DICOM series folder to score")
+    p.add_argument("--scores", help="rank the scored outputs in this folder instead of scoring (no --model needed)")
+    p.add_argument("--images", help="folder of the source images, for the case_path column with --scores")
+    p.add_argument("--output", required=True, help="folder for the case outputs and worklist.csv")
+    p.add_argument("--batch-size", type=int, default=None, help="slices per batch (default: by device)")
+    _add_device(p)
+
+    p = sub.add_parser("export-training", help="MONAI-style datalist of the recontoured cases (newest edited label)")
+    p.add_argument("--input", required=True, help="outputs folder with <case>_review.json and <case>_seg_v*.seg.nrrd")
+    p.add_argument("--images", help="folder of the source images, for cases whose image path was not recorded")
+    p.add_argument("--output", required=True, help="datalist JSON to write (paths are relative to its folder)")
+
+
+def _cmd_worklist(a):
+    from .active_learning import WORKLIST_NAME, rank_cases, write_worklist
+    from .errors import InputError
+
+    out_dir = Path(a.output)
+    failures = []
+    if a.scores:
+        if a.model or a.input:
+            raise InputError("give either --scores (rank existing outputs) or --model and --input (score), not both.")
+        rows = rank_cases(a.scores, images_dir=a.images)
+    else:
+        if not (a.model and a.input):
+            raise InputError("worklist needs --model and --input to score scans, or --scores to rank scored outputs.")
+        from .datasets import discover_cases
+
+        out_dir.mkdir(parents=True, exist_ok=True)
+        _, results, failures = _score_cases(a, discover_cases(a.input, "input"), out_dir, progress_label="worklist")
+        if not results:
+            raise AnomalyFlagError(f"none of the {len(failures)} case(s) could be scored.")
+        paths = {case.name: str(Path(case.image).resolve()) for case, _ in results}
+        rows = rank_cases(out_dir, case_paths=paths, images_dir=a.images, cases=list(paths))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = write_worklist(rows, out_dir / WORKLIST_NAME)
+    for r in rows[:10]:
+        print(f"{r['rank']:>4}  {r['case']}: max score {r['max_normalised_score']:.2f}, "
+              f"{r['flagged_slices']} flagged, mean anomalous share {r['mean_anomaly_fraction']:.3f}")  # fmt: skip
+    if len(rows) > 10:
+        print(f"      ... {len(rows) - 10} more")
+    print(f"Worklist of {len(rows)} case(s): {path}")
+    if failures:
+        raise AnomalyFlagError(f"{len(failures)} of {len(rows) + len(failures)} case(s) could not be scored.")
+
+
+def _cmd_export_training(a):
+    from .active_learning import export_training_datalist
+
+    datalist = export_training_datalist(a.input, a.output, images_dir=a.images)
+    meta = datalist["metadata"]
+    for skipped in meta["skipped"]:
+        print(f"{skipped['case']}: skipped: {skipped['reason']}", file=sys.stderr)
+    print(f"{meta['cases_exported']} recontoured case(s) of {meta['cases_reviewed']} reviewed "
+          f"({meta['recontoured_slices']} recontoured slices) written to {a.output}")  # fmt: skip
+
+
 COMMANDS = {
     "train": _cmd_train,
     "calibrate": _cmd_calibrate,
     "score": _cmd_score,
     "evaluate": _cmd_evaluate,
     "info": _cmd_info,
+    "worklist": _cmd_worklist,
+    "export-training": _cmd_export_training,
 }
 
 

@@ -25,9 +25,17 @@ ORIGIN = (-61.5, 37.25, -112.0)
 
 
 def make_scene():
+    import tempfile
+
     import slicer
 
     scene = slicer.vtkMRMLScene()
+    cache = slicer.vtkCacheManager()  # as the application sets up: needed to open .mrb bundles
+    cache.SetRemoteCacheDirectory(tempfile.mkdtemp(prefix="anomalyflag-mrml-cache-"))
+    io = slicer.vtkDataIOManager()
+    io.SetCacheManager(cache)
+    scene.SetCacheManager(cache)
+    scene.SetDataIOManager(io)
     colors = slicer.vtkMRMLColorLogic()
     colors.SetMRMLScene(scene)
     defaultSlice = slicer.vtkMRMLSliceNode()
@@ -43,7 +51,7 @@ def make_scene():
         logics.append(logic)
     segmentations = slicer.vtkSlicerSegmentationsModuleLogic()
     segmentations.SetMRMLScene(scene)
-    return scene, [colors, segmentations] + logics
+    return scene, [colors, segmentations] + logics + [io, cache]
 
 
 def scene_fixture():
@@ -55,10 +63,15 @@ def scene_fixture():
     scene, logics = make_scene()
     slicer.mrmlScene = scene
     yield scene
-    for logic in logics:
-        logic.SetMRMLScene(None)
-    scene.Clear(1)
+    close_scene(scene, logics)
     slicer.mrmlScene = previous
+
+
+def close_scene(scene, logics):
+    for logic in logics:
+        if hasattr(logic, "SetMRMLScene"):
+            logic.SetMRMLScene(None)
+    scene.Clear(1)
 
 
 def node_count(scene):

@@ -79,6 +79,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--roi-labels", help="comma-separated label values of the ROI (default: any non-zero)")
     p.add_argument("--roi-margin-mm", type=float, default=10.0)
     p.add_argument("--batch-size", type=int, default=None, help="slices per batch (default: by device)")
+    p.add_argument("--montage", action="store_true", help="also write <case>_flagged.png of the top flagged slices")
     _add_device(p)
 
     p = sub.add_parser("evaluate", help="score cases with ground-truth anomaly masks and report metrics")
@@ -157,9 +158,10 @@ def _score_cases(a, cases, out_dir, progress_label="score"):
             source = open_source(case.image, name=f"volume '{case.image}'")
             sink = NrrdHeatmapSink(case_paths(out_dir, case.name)["heatmap"], source.geometry,
                                    heatmap_key_values(scorer.bundle.name, scorer.calibration.threshold))  # fmt: skip
+            roi = _roi_for(case, getattr(a, "roi", None), len(cases) == 1)
             result = scorer.score(
                 source,
-                roi=_roi_for(case, getattr(a, "roi", None), len(cases) == 1),
+                roi=roi,
                 roi_labels=labels,
                 roi_margin_mm=getattr(a, "roi_margin_mm", 10.0),
                 name=case.name,
@@ -169,6 +171,8 @@ def _score_cases(a, cases, out_dir, progress_label="score"):
             write_case_files(result, out_dir)
             results.append((case, result))
             flagged = result.flagged_indices
+            if getattr(a, "montage", False) and flagged:
+                _write_montage(scorer, case, result, out_dir, roi, labels)
             print(f"{case.name}: {len(flagged)} of {len(result.slices)} slices flagged"
                   f"{': ' + ', '.join(map(str, flagged)) if flagged else ''}"
                   f" ({result.timings['total']:.1f} s on {result.device})")  # fmt: skip
@@ -178,6 +182,23 @@ def _score_cases(a, cases, out_dir, progress_label="score"):
             failures.append((case, exc))
             print(f"{case.name}: FAILED: {exc}", file=sys.stderr)
     return scorer, results, failures
+
+
+def _write_montage(scorer, case, result, out_dir, roi, labels):
+    import SimpleITK as sitk
+
+    from .montage import write_flagged_montage
+    from .outputs import case_paths
+    from .roi import roi_on_image_grid
+    from .volume_io import read_image
+
+    image = sitk.GetArrayFromImage(read_image(case.image))
+    heat = sitk.GetArrayFromImage(sitk.ReadImage(str(case_paths(out_dir, case.name)["heatmap"])))
+    mask = roi_on_image_grid(roi, result.geometry, labels) if roi is not None else None
+    pre = scorer.bundle.preprocess
+    path = write_flagged_montage(Path(out_dir) / f"{case.name}_flagged.png", image, heat, result, mask,
+                                 window=(pre.window_min, pre.window_max))  # fmt: skip
+    print(f"{case.name}: montage of the top flagged slices in {path}")
 
 
 def _cmd_score(a):

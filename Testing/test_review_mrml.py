@@ -109,6 +109,7 @@ def test_versioned_save_and_slice_change_with_real_seg_nrrd(mrml_scene, tmp_path
     assert (v1.name, v2.name) == ("case1_seg_v1.seg.nrrd", "case1_seg_v2.seg.nrrd")
     assert v1.read_bytes() == v1_bytes and original.read_bytes() == original_bytes
     assert edited.GetStorageNode().GetFileName() == str(original)  # the node still points at the original
+    assert edited.GetAttribute("AnomalyFlag.SavedVersion") == str(v2)
 
     # the saved version lies on the image's full grid, and reloads to the edited segment
     saved = sitk.ReadImage(str(v1))

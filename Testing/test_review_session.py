@@ -90,7 +90,9 @@ def test_decisions_recorded_with_reviewer_time_note_and_change(case_dir):
     change = {"dice": 0.8, "changed_voxels": 12, "original_voxels": 40, "edited_voxels": 35}
     with ReviewSession.open(case_dir, "case1", "Dr Ann") as s:
         s.decide(31, "accepted")
-        s.decide(20, "recontoured", note="liver edge missed", change=change, label_path="case1_seg_v1.seg.nrrd")
+        s.decide(
+            20, "recontoured", note="liver edge missed", change=change, label_path=case_dir / "case1_seg_v1.seg.nrrd"
+        )
         s.decide(15, "skipped", note="motion artefact")
         assert s.progress() == (3, 6)
         assert s.next_pending()["slice"] == 8
@@ -477,3 +479,12 @@ def test_killed_writer_keeps_every_returned_decision(case_dir):
                 assert len(s.history) == saved
                 returned_total = saved
         assert not [p for p in case_dir.iterdir() if ".tmp" in p.name]
+
+
+def test_label_path_is_stored_relative_to_the_sidecar_folder(case_dir, monkeypatch):
+    monkeypatch.chdir(case_dir.parent)  # a path relative to the working directory, as a caller may give it
+    with ReviewSession.open(case_dir, "case1", "ann") as s:
+        s.decide(31, "recontoured", label_path=Path(case_dir.name) / "case1_seg_v2.seg.nrrd")
+        s.decide(20, "recontoured", label_path=(case_dir / "sub" / "case1_seg_v1.seg.nrrd").resolve())
+        assert s.decision_for(31)["label"] == "case1_seg_v2.seg.nrrd"
+        assert s.decision_for(20)["label"] == "sub/case1_seg_v1.seg.nrrd"

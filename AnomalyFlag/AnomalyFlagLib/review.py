@@ -135,11 +135,17 @@ def image_fingerprint_of(image, geometry: Optional[Geometry] = None) -> str:
 
 
 def _fsync_dir(folder: Path) -> None:
+    """Make a rename in FOLDER durable; best effort (Windows and some network file systems cannot)."""
     if os.name == "nt":
         return
-    fd = os.open(str(folder), os.O_RDONLY)
+    try:
+        fd = os.open(str(folder), os.O_RDONLY)
+    except OSError:
+        return
     try:
         os.fsync(fd)
+    except OSError:
+        pass
     finally:
         os.close(fd)
 
@@ -730,7 +736,8 @@ class ReviewSession:
         """Record a decision on a queued slice and save the sidecar before returning.
 
         `change` (for "recontoured"): `slice_change(...)`'s dict. `label_path`: the edited label
-        version the change was saved in. Deciding a slice again replaces its decision."""
+        version the change was saved in (stored relative to the sidecar's folder). Deciding a slice again
+        replaces its decision."""
         slice_index = int(slice_index)
         if decision not in DECISIONS:
             raise InputError(f"decision must be one of {', '.join(DECISIONS)}, not '{decision}'.")
@@ -750,9 +757,7 @@ class ReviewSession:
             }
         label = None
         if label_path is not None:
-            label_path = Path(label_path)
-            if not label_path.is_absolute():
-                label_path = self.case_dir / label_path
+            label_path = Path(label_path)  # relative paths are relative to the working directory
             try:
                 label = os.path.relpath(label_path.resolve(), self.case_dir.resolve()).replace(os.sep, "/")
             except ValueError:  # another drive on Windows

@@ -24,7 +24,7 @@ ATTR_ROLE = "AnomalyFlag.Role"
 ATTR_CASE = "AnomalyFlag.Case"
 ATTR_SIDECAR = "AnomalyFlag.ReviewSidecar"
 ATTR_PROGRESS = "AnomalyFlag.ReviewProgress"
-ATTR_VERSION_OF = "AnomalyFlag.EditedVersionOf"
+ATTR_SAVED_VERSION = "AnomalyFlag.SavedVersion"
 
 DECISION_COLUMNS = ("slice", "score", "decision", "reviewer", "time", "note", "dice", "changed_voxels")
 _COLUMN_INFO = {
@@ -174,8 +174,9 @@ def saveEditedSegmentationVersion(segmentationNode, outputFolder, case, referenc
 
     An existing file is never replaced and the node's own storage node (the original file) is left alone:
     a separate storage node writes a temporary file that is then published under the next free number.
-    With `referenceVolumeNode`, the labelmap is written on that volume's full grid (not cropped), so the
-    file lines up voxel for voxel with the image for training."""
+    With `referenceVolumeNode` (which becomes the segmentation's reference geometry), the labelmap is
+    written on that volume's full grid (not cropped), so the file lines up voxel for voxel with the image
+    for training. The path is also kept in the node's attribute AnomalyFlag.SavedVersion."""
     if segmentationNode is None:
         raise InputError("No segmentation node given to save.")
     outputFolder = Path(outputFolder)
@@ -196,7 +197,7 @@ def saveEditedSegmentationVersion(segmentationNode, outputFolder, case, referenc
             scene.RemoveNode(storageNode)
 
     path = write_new_version(outputFolder, case, write)
-    segmentationNode.SetAttribute(ATTR_VERSION_OF, case)
+    segmentationNode.SetAttribute(ATTR_SAVED_VERSION, str(path))
     logging.info("AnomalyFlag: edited segmentation of %s saved as %s", case, path)
     return path
 

@@ -49,25 +49,24 @@ def ui_widgets(ui_text: str) -> dict:
     return {w.get("name"): w.get("class") for w in root.iter("widget")}
 
 
+def ui_widget_properties(ui_text: str, property_name: str) -> dict:
+    """{widget name: list of the <string> values of its property `property_name`} (widgets that set it)."""
+    root = ET.fromstring(ui_text)
+    return {
+        widget.get("name"): [s.text for s in prop.iter("string")]
+        for widget in root.iter("widget")
+        for prop in widget.findall("property")
+        if prop.get("name") == property_name
+    }
+
+
 def ui_parameter_bindings(ui_text: str) -> dict:
     """{widget name: SlicerParameterName} for every widget that has the dynamic property."""
-    root = ET.fromstring(ui_text)
-    found = {}
-    for widget in root.iter("widget"):
-        for prop in widget.findall("property"):
-            if prop.get("name") == "SlicerParameterName":
-                found[widget.get("name")] = prop.findtext("string")
-    return found
+    return {name: values[0] for name, values in ui_widget_properties(ui_text, "SlicerParameterName").items()}
 
 
 def ui_node_types(ui_text: str) -> dict:
-    root = ET.fromstring(ui_text)
-    found = {}
-    for widget in root.iter("widget"):
-        for prop in widget.findall("property"):
-            if prop.get("name") == "nodeTypes":
-                found[widget.get("name")] = [s.text for s in prop.iter("string")]
-    return found
+    return ui_widget_properties(ui_text, "nodeTypes")
 
 
 def self_ui_names(py_source: str) -> set:

@@ -168,7 +168,7 @@ def _score_cases(a, cases, out_dir, progress_label="score"):
                 heatmap_sink=sink,
                 progress=ProgressBar(f"{progress_label} {case.name}"),
             )
-            write_case_files(result, out_dir)
+            write_case_files(result, out_dir, extra_summary={"image": str(Path(case.image).resolve())})
             results.append((case, result))
             flagged = result.flagged_indices
             if getattr(a, "montage", False) and flagged:

@@ -24,7 +24,7 @@ from .volume_io import read_image
 
 
 def _body(array: np.ndarray, threshold: float) -> np.ndarray:
-    return body_mask(torch.from_numpy(np.ascontiguousarray(array))[:, None].float(), threshold)[:, 0].numpy()
+    return body_mask(torch.from_numpy(np.array(array, dtype=np.float32))[:, None], threshold)[:, 0].numpy()
 
 
 def evaluate_folder(model, input_path, output, device: str = "auto", batch_size: Optional[int] = None) -> dict:

@@ -1,0 +1,95 @@
+"""The anomalyflag command as a user runs it: outputs, messages and exit codes."""
+
+import csv
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import SimpleITK as sitk
+from AnomalyFlagLib.cli import EXIT_USAGE, main
+from conftest import ROOT
+
+
+def test_score_folder_writes_complete_outputs(tiny_model, phantom_anomalous_dir, tmp_path, capsys):
+    out = tmp_path / "out"
+    rc = main(["score", "--model", str(tiny_model), "--input", str(phantom_anomalous_dir), "--output", str(out),
+               "--device", "cpu", "--montage"])  # fmt: skip
+    assert rc == 0
+    printed = capsys.readouterr().out
+    for case in ("anomalous_000", "anomalous_001"):
+        assert f"{case}:" in printed and "slices flagged" in printed
+        summary = json.loads((out / f"{case}_summary.json").read_text())
+        image = sitk.ReadImage(str(phantom_anomalous_dir / f"{case}.nrrd"))
+        heat = sitk.ReadImage(str(out / f"{case}_heatmap.nrrd"))
+        assert heat.GetSize() == image.GetSize() and heat.GetOrigin() == image.GetOrigin()
+        assert heat.GetSpacing() == image.GetSpacing() and heat.GetDirection() == image.GetDirection()
+        with open(out / f"{case}_slices.csv") as f:
+            rows = list(csv.DictReader(f))
+        assert len(rows) == image.GetSize()[2]
+        flagged = [int(r["index"]) for r in rows if r["flagged"] == "1"]
+        assert flagged == summary["flagged_slices"]
+        assert summary["image"] == str((phantom_anomalous_dir / f"{case}.nrrd").resolve())
+        if flagged:
+            assert (out / f"{case}_flagged.png").stat().st_size > 10_000
+    # Masks and organ maps next to the scans are companions, not cases.
+    assert not list(out.glob("*_anomaly_*")) and not list(out.glob("*_organs_*"))
+
+
+def test_bad_input_fails_clearly_and_leaves_no_complete_looking_output(tiny_model, tmp_path, capsys):
+    bad = tmp_path / "scans"
+    bad.mkdir()
+    sitk.WriteImage(sitk.GetImageFromArray(np.full((5, 16, 16), 7, np.int16)), str(bad / "flat.nrrd"))
+    array = np.random.default_rng(0).normal(size=(5, 16, 16)).astype(np.float32)
+    array[2, 2, 2] = np.inf
+    sitk.WriteImage(sitk.GetImageFromArray(array), str(bad / "inf.nrrd"))
+    out = tmp_path / "out"
+    rc = main(["score", "--model", str(tiny_model), "--input", str(bad), "--output", str(out), "--device", "cpu"])
+    err = capsys.readouterr().err
+    assert rc == EXIT_USAGE
+    assert "flat.nrrd" in err and "constant" in err
+    assert "inf.nrrd" in err and "NaN or infinite" in err
+    assert "2 of 2 case(s) could not be scored" in err
+    assert sorted(p.name for p in out.iterdir()) == []
+
+
+def test_missing_model_and_missing_gpu_are_reported(tiny_model, phantom_anomalous_dir, tmp_path, capsys):
+    rc = main(["score", "--model", str(tmp_path / "nope"), "--input", str(phantom_anomalous_dir),
+               "--output", str(tmp_path / "o")])  # fmt: skip
+    assert rc == EXIT_USAGE and "does not exist" in capsys.readouterr().err
+    import torch
+
+    if not torch.cuda.is_available():
+        rc = main(["score", "--model", str(tiny_model), "--input", str(phantom_anomalous_dir),
+                   "--output", str(tmp_path / "o"), "--device", "cuda"])  # fmt: skip
+        assert rc == EXIT_USAGE and "no CUDA GPU" in capsys.readouterr().err
+
+
+def test_info_prints_verified_metadata(tiny_model, capsys):
+    assert main(["info", "--model", str(tiny_model)]) == 0
+    meta = json.loads(capsys.readouterr().out)
+    assert meta["architecture"]["image_size"] == 64
+
+
+def test_evaluate_writes_report(tiny_model, phantom_anomalous_dir, tmp_path, capsys):
+    out = tmp_path / "eval"
+    assert main(["evaluate", "--model", str(tiny_model), "--input", str(phantom_anomalous_dir),
+                 "--output", str(out), "--device", "cpu"]) == 0  # fmt: skip
+    report = json.loads((out / "evaluation.json").read_text())
+    assert report["slice"]["n_slices"] == 48
+    assert report["slice"]["n_anomalous"] > 0
+    assert 0.0 <= report["slice"]["auroc"] <= 1.0
+    assert report["pixel"]["n_anomalous_voxels"] > 0 and report["pixel"]["histogram_exact"]
+    assert (out / "evaluation.png").stat().st_size > 20_000
+    assert "slice AUROC" in capsys.readouterr().out
+
+
+def test_installed_entry_point_runs(phantom_anomalous_dir, tmp_path):
+    env = dict(os.environ, PYTHONPATH=str(ROOT / "AnomalyFlag"))
+    proc = subprocess.run([sys.executable, "-m", "AnomalyFlagLib", "score", "--model", str(tmp_path / "x"),
+                           "--input", str(phantom_anomalous_dir), "--output", str(tmp_path / "o")],
+                          capture_output=True, text=True, env=env, timeout=120)  # fmt: skip
+    assert proc.returncode == EXIT_USAGE
+    assert "anomalyflag score: error: model bundle" in proc.stderr
+    assert "Traceback" not in proc.stderr

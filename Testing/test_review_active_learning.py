@@ -92,6 +92,13 @@ def test_worklist_command_scores_and_ranks(scored, tmp_path):
     for f in out.glob("*_s*"):  # summaries and slice tables only: no worklist, no sidecars
         shutil.copy(f, bare / f.name)
     assert main(["worklist", "--scores", str(bare), "--output", str(bare)]) == 0
+    assert read_worklist(bare / "worklist.csv") == rows, "the summaries record each scan's path"
+    for f in bare.glob("*_summary.json"):  # outputs that do not record the scan's path
+        summary = json.loads(f.read_text())
+        del summary["image"]
+        f.write_text(json.dumps(summary))
+    (bare / "worklist.csv").unlink()
+    assert main(["worklist", "--scores", str(bare), "--output", str(bare)]) == 0
     assert {r["case_path"] for r in read_worklist(bare / "worklist.csv")} == {""}
     assert main(["worklist", "--scores", str(bare), "--images", str(scans), "--output", str(bare)]) == 0
     assert read_worklist(bare / "worklist.csv") == rows
@@ -183,6 +190,9 @@ def test_export_needs_the_image_and_an_edited_label(scored, tmp_path, capsys):
     outputs.mkdir()
     for suffix in ("_summary.json", "_slices.csv"):
         shutil.copy(out / f"{case}{suffix}", outputs / f"{case}{suffix}")
+    summary = json.loads((outputs / f"{case}_summary.json").read_text())
+    del summary["image"]  # outputs that do not record the scan's path
+    (outputs / f"{case}_summary.json").write_text(json.dumps(summary))
     organs, original = _liver(scans, case)
     with ReviewSession.open(outputs, case, "Dr Cy") as session:  # image path not recorded
         k = session.next_pending()["slice"]

@@ -14,15 +14,19 @@ class ProgressBar:
         self.width = width
         self.start = time.monotonic()
         self.last = 0.0
+        self.first = None  # the count at the first call (a resumed run starts part-way)
 
     def __call__(self, done: int, total: int, info: dict = None) -> None:
         now = time.monotonic()
         if done < total and now - self.last < self.interval:
             return
         self.last = now
+        if self.first is None:
+            self.first = done
         elapsed = now - self.start
         frac = done / total if total else 1.0
-        eta = elapsed / frac - elapsed if frac > 0 else float("nan")
+        rate = (done - self.first) / elapsed if elapsed > 0 else 0.0
+        eta = (total - done) / rate if rate > 0 else float("nan")
         filled = int(self.width * frac)
         extra = "  " + " ".join(f"{k} {v:.4g}" for k, v in info.items()) if info else ""
         line = (

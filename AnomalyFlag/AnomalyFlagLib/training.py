@@ -21,6 +21,7 @@ from .errors import InputError
 from .preprocessing import SlicePreprocessor
 
 MAX_CALIBRATION_PIXELS = 400_000
+RESUMABLE_OPTIONS = ("gan_iterations", "encoder_iterations", "checkpoint_every")
 
 
 class Checkpointer:
@@ -154,7 +155,9 @@ def train(
     bundle.detector.to(dev)
     work = output.with_name(output.name + ".partial")
     work.mkdir(parents=True, exist_ok=True)
-    fingerprint = _fingerprint(asdict(model_config), asdict(preprocess), asdict(options), backend, slices.case_names,
+    # Iteration counts may change on resume (to extend or shorten a run); everything else must match.
+    resumable = {k: v for k, v in asdict(options).items() if k not in RESUMABLE_OPTIONS}
+    fingerprint = _fingerprint(asdict(model_config), asdict(preprocess), resumable, backend, slices.case_names,
                                len(slices))  # fmt: skip
     checkpointer = Checkpointer(work / "checkpoint.pt", fingerprint, resume)
 

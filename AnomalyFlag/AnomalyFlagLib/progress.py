@@ -1,5 +1,6 @@
 """A plain-text progress bar with rate and ETA for the command line (no extra dependency)."""
 
+import math
 import sys
 import time
 
@@ -29,10 +30,8 @@ class ProgressBar:
         eta = (total - done) / rate if rate > 0 else float("nan")
         filled = int(self.width * frac)
         extra = "  " + " ".join(f"{k} {v:.4g}" for k, v in info.items()) if info else ""
-        line = (
-            f"\r{self.label} [{'#' * filled}{'.' * (self.width - filled)}] {done}/{total} "
-            f"{elapsed:5.0f}s elapsed, ETA {eta:4.0f}s{extra}"
-        )
+        timing = f"{elapsed:5.0f}s elapsed" + (f", ETA {eta:4.0f}s" if math.isfinite(eta) else "")
+        line = f"\r{self.label} [{'#' * filled}{'.' * (self.width - filled)}] {done}/{total} {timing}{extra}"
         self.stream.write(line)
         if done >= total:
             self.stream.write("\n")

@@ -250,8 +250,8 @@ def _read_png(path):
     return numpy_support.vtk_to_numpy(image.GetPointData().GetScalars()).reshape(h, w, -1)  # rows from the bottom
 
 
-def _plane_mask(volume, k, mask_kji, size):
-    """Where a (k, j, i) mask of slice k lands in a snapshot: map every snapshot pixel to voxel indices."""
+def _plane_voxels(volume, k, size):
+    """Nearest (i, j, k) voxel of every snapshot pixel (rows from the bottom) and whether it is inside."""
     from AnomalyFlagMRML.snapshot import slicePlane
 
     slice_to_ras, (width, height) = slicePlane(volume, k)
@@ -261,12 +261,44 @@ def _plane_mask(volume, k, mask_kji, size):
                       np.ones_like(xs)], axis=-1).reshape(-1, 4)  # fmt: skip
     ijk = (np.linalg.inv(ijk_to_ras(volume)) @ slice_to_ras @ local.T).T[:, :3]
     idx = np.round(ijk).astype(int)
-    shape = mask_kji.shape
-    inside = (idx >= 0).all(axis=1) & (idx[:, 0] < shape[2]) & (idx[:, 1] < shape[1]) & (idx[:, 2] < shape[0])
-    out = np.zeros(len(idx), dtype=bool)
-    out[inside] = mask_kji[idx[inside, 2], idx[inside, 1], idx[inside, 0]]
+    dims = volume.GetImageData().GetDimensions()
+    inside = (idx >= 0).all(axis=1) & (idx[:, 0] < dims[0]) & (idx[:, 1] < dims[1]) & (idx[:, 2] < dims[2])
     np.testing.assert_allclose(ijk[:, 2], k, atol=1e-6)  # the snapshot shows exactly slice k
+    return idx, inside
+
+
+def _plane_bilinear(volume, k, array_kji, size):
+    """Bilinear interpolation of slice k of a (k, j, i) array at every snapshot pixel (NaN outside)."""
+    from AnomalyFlagMRML.snapshot import slicePlane
+
+    slice_to_ras, (width, height) = slicePlane(volume, k)
+    fov = max(width, height)
+    ys, xs = np.mgrid[0:size, 0:size]
+    local = np.stack([(xs - size / 2.0) * fov / size, (ys - size / 2.0) * fov / size, np.zeros_like(xs),
+                      np.ones_like(xs)], axis=-1).reshape(-1, 4)  # fmt: skip
+    ijk = (np.linalg.inv(ijk_to_ras(volume)) @ slice_to_ras @ local.T).T[:, :3]
+    plane = array_kji[k].astype(float)
+    i, j = ijk[:, 0], ijk[:, 1]
+    i0, j0 = np.floor(i).astype(int), np.floor(j).astype(int)
+    ok = (i0 >= 0) & (j0 >= 0) & (i0 + 1 < plane.shape[1]) & (j0 + 1 < plane.shape[0])
+    out = np.full(len(i), np.nan)
+    fi, fj = i[ok] - i0[ok], j[ok] - j0[ok]
+    a, b = plane[j0[ok], i0[ok]], plane[j0[ok], i0[ok] + 1]
+    c, d = plane[j0[ok] + 1, i0[ok]], plane[j0[ok] + 1, i0[ok] + 1]
+    out[ok] = (a * (1 - fi) + b * fi) * (1 - fj) + (c * (1 - fi) + d * fi) * fj
     return out.reshape(size, size)
+
+
+def _plane_values(volume, k, array_kji, size, outside=0):
+    idx, inside = _plane_voxels(volume, k, size)
+    out = np.full(len(idx), outside, dtype=array_kji.dtype)
+    out[inside] = array_kji[idx[inside, 2], idx[inside, 1], idx[inside, 0]]
+    return out.reshape(size, size)
+
+
+def _plane_mask(volume, k, mask_kji, size):
+    """Where a (k, j, i) mask of slice k lands in a snapshot."""
+    return _plane_values(volume, k, mask_kji, size, outside=False)
 
 
 def _is_heat_colour(png):
@@ -315,5 +347,21 @@ def test_snapshot_shows_heatmap_and_outlines_where_they_are(mrml_scene, phantom_
     plain = _read_png(renderSliceSnapshot(volume, zero, None, k, tmp_path / "zero.png", size=size))
     assert not _is_heat_colour(plain)[~caption].any()
     assert not ((plain[..., 1] > 200) & (plain[..., 0] < 80)).any()
-    grey = plain[~caption].astype(int)
-    assert np.abs(grey[:, 0] - grey[:, 1]).max() <= 1 and grey.max() > 200 and grey.min() < 20  # windowed CT
+    grey = plain[..., 0].astype(float)
+    assert np.abs(plain[~caption].astype(int)[:, 0] - plain[~caption].astype(int)[:, 2]).max() <= 1  # grey CT
+    # the CT is shown in a soft-tissue window (W 400, L 40): compare with the windowed voxels of slice k
+    hu = _plane_bilinear(volume, k, phantom.image, size)
+    inner = ~caption & np.isfinite(hu)
+    assert inner.sum() > size * size / 2
+
+    def assert_window(png_grey, width, level):
+        windowed = np.clip((hu - (level - width / 2.0)) / width, 0.0, 1.0) * 255.0
+        assert np.corrcoef(png_grey[inner], windowed[inner])[0, 1] > 0.99
+        assert np.median(np.abs(png_grey[inner] - windowed[inner])) < 2
+
+    assert_window(grey, 400.0, 40.0)  # automatic window/level on a CT: a soft-tissue window
+    display = volume.GetDisplayNode()
+    display.AutoWindowLevelOff()
+    display.SetWindowLevel(1500.0, 300.0)  # a window the user chose is followed
+    chosen = _read_png(renderSliceSnapshot(volume, zero, None, k, tmp_path / "chosen.png", size=size))
+    assert_window(chosen[..., 0].astype(float), 1500.0, 300.0)

@@ -301,6 +301,7 @@ def test_score_folder_writes_the_cli_files_and_snapshots(mrml_scene, phantom_ano
         ours = json.loads((out / f"{name}_summary.json").read_text())
         theirs = json.loads((cli_out / f"{name}_summary.json").read_text())
         assert set(ours) == set(theirs)
+        assert ours.get("image") == theirs.get("image") == summary.get("image")
         assert ours["flagged_slices"] == theirs["flagged_slices"] == summary["flagged_slices"]
         ours_heat = sitk.ReadImage(str(out / f"{name}_heatmap.nrrd"))
         theirs_heat = sitk.ReadImage(str(cli_out / f"{name}_heatmap.nrrd"))

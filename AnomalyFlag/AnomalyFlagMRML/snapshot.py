@@ -91,16 +91,21 @@ def _greyColorNode(scene):
 
 
 def _ctWindow(volumeNode, window):
+    """(width, level): the one given; else the display node's when the user set it (auto window/level off);
+    else a soft-tissue window for CT (Hounsfield units); else the display node's automatic one; else the
+    1-99th percentiles."""
     if window is not None:
         return float(window[0]), float(window[1])
     display = volumeNode.GetDisplayNode()
-    if display is not None and display.IsA("vtkMRMLScalarVolumeDisplayNode") and display.GetWindow() > 0:
-        if not display.GetAutoWindowLevel() or display.GetWindow() != 256:  # 256/128: never computed
-            return float(display.GetWindow()), float(display.GetLevel())
+    scalarDisplay = display is not None and display.IsA("vtkMRMLScalarVolumeDisplayNode")
+    if scalarDisplay and not display.GetAutoWindowLevel() and display.GetWindow() > 0:
+        return float(display.GetWindow()), float(display.GetLevel())
     scalars = numpy_support.vtk_to_numpy(volumeNode.GetImageData().GetPointData().GetScalars())
     sample = scalars[:: max(1, scalars.size // 200000)]
-    if sample.min() <= -500:  # Hounsfield units
+    if sample.min() <= -500 and sample.max() >= 0:  # Hounsfield units
         return CT_WINDOW
+    if scalarDisplay and display.GetWindow() > 0:
+        return float(display.GetWindow()), float(display.GetLevel())
     lo, hi = np.percentile(sample, [1, 99])
     return float(max(hi - lo, 1e-6)), float((hi + lo) / 2.0)
 
@@ -260,7 +265,8 @@ def renderSliceSnapshot(
     outlineThickness=None,
     segmentIds=None,
 ):
-    """Write a PNG of slice `sliceIndex`: CT (display window, else a soft-tissue CT window), heatmap overlay
+    """Write a PNG of slice `sliceIndex`: CT (`window` = (width, level); default: the display node's window
+    when set by the user, else W 400 / L 40 for CT), heatmap overlay
     (colour table and threshold as in showHeatmap), segment outlines, and a caption (case, slice, score).
     Returns the path written."""
     if volumeNode is None or volumeNode.GetImageData() is None:

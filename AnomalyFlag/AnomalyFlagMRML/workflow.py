@@ -225,12 +225,14 @@ def scoreFolder(modelPath, inputFolder, outputFolder, device="auto", batchSize=N
             roiPath = _roi_for(case, roiFolder, len(cases) == 1)
             result = scorer.score(source, roi=roiPath, roi_labels=roiLabels, roi_margin_mm=roiMarginMm,
                                   name=case.name, heatmap_sink=sink, progress=caseProgress, cancel=cancel)  # fmt: skip
-            paths = write_case_files(result, outputFolder)
+            extra = {"image": str(Path(case.image).resolve())}  # as `anomalyflag score` records it
+            paths = write_case_files(result, outputFolder, extra_summary=extra)
             shots = []
             if snapshots and result.flagged_indices:
                 shots = _caseSnapshots(scene, case, result, paths["heatmap"], roiPath, outputFolder, snapshotSize)
             summary = result.summary()
             summary["files"] = {k: p.name for k, p in paths.items()}
+            summary.update(extra)
             summary["snapshots"] = [p.name for p in shots]
             flagged = result.flagged_indices
             log(f"{case.name}: {len(flagged)} of {len(result.slices)} slices flagged"

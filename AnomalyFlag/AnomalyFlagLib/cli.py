@@ -95,20 +95,6 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _roi_for(case, roi_arg, single: bool):
-    if not roi_arg:
-        return None
-    roi = Path(roi_arg)
-    if roi.is_file() or single:
-        return roi
-    from .volume_io import case_name
-
-    for f in sorted(roi.iterdir()):
-        if case_name(f) in (case.name, f"{case.name}.seg", f"{case.name}_seg", f"{case.name}_organs"):
-            return f
-    return None
-
-
 def _cmd_train(a):
     from .config import ModelConfig, PreprocessConfig, ScoreConfig
     from .detector import TrainingOptions
@@ -145,6 +131,7 @@ def _cmd_calibrate(a):
 
 
 def _score_cases(a, cases, out_dir, progress_label="score"):
+    from .datasets import roi_for_case
     from .outputs import case_paths, heatmap_key_values, write_case_files
     from .progress import ProgressBar
     from .scoring import NrrdHeatmapSink, Scorer
@@ -158,7 +145,7 @@ def _score_cases(a, cases, out_dir, progress_label="score"):
             source = open_source(case.image, name=f"volume '{case.image}'")
             sink = NrrdHeatmapSink(case_paths(out_dir, case.name)["heatmap"], source.geometry,
                                    heatmap_key_values(scorer.bundle.name, scorer.calibration.threshold))  # fmt: skip
-            roi = _roi_for(case, getattr(a, "roi", None), len(cases) == 1)
+            roi = roi_for_case(case, getattr(a, "roi", None), len(cases) == 1)
             result = scorer.score(
                 source,
                 roi=roi,

@@ -73,6 +73,20 @@ def discover_cases(path, name: str = "training input") -> List[Case]:
     return [Case(case_name(f), f, masks.get(_stem(f))) for f in images]
 
 
+def roi_for_case(case: Case, roi: Optional[Path], single: bool) -> Optional[Path]:
+    """The ROI file for a case: `roi` itself when it is a file (or there is one case), otherwise the file in
+    folder `roi` named <case>.seg.nrrd, <case>_seg.*, <case>_organs.* or <case>.*; None if there is none."""
+    if not roi:
+        return None
+    roi = Path(roi)
+    if roi.is_file() or single:
+        return roi
+    for f in sorted(roi.iterdir()):
+        if case_name(f) in (case.name, f"{case.name}.seg", f"{case.name}_seg", f"{case.name}_organs"):
+            return f
+    return None
+
+
 def _datalist_cases(path: Path) -> List[Case]:
     try:
         data = json.loads(path.read_text())

@@ -193,8 +193,7 @@ def scoreFolder(modelPath, inputFolder, outputFolder, device="auto", batchSize=N
     {"case", "error"} for a case that could not be scored. `progress(done, total)` counts per mille of
     the whole folder; `cancel()` stops with CancelledError (finished cases keep their files).
     """
-    from AnomalyFlagLib.cli import _roi_for
-    from AnomalyFlagLib.datasets import discover_cases
+    from AnomalyFlagLib.datasets import discover_cases, roi_for_case
     from AnomalyFlagLib.outputs import case_paths, heatmap_key_values, write_case_files
     from AnomalyFlagLib.scoring import NrrdHeatmapSink
     from AnomalyFlagLib.slice_source import open_source
@@ -222,7 +221,7 @@ def scoreFolder(modelPath, inputFolder, outputFolder, device="auto", batchSize=N
             paths = case_paths(outputFolder, case.name)
             sink = NrrdHeatmapSink(paths["heatmap"], source.geometry,
                                    heatmap_key_values(scorer.bundle.name, scorer.calibration.threshold))  # fmt: skip
-            roiPath = _roi_for(case, roiFolder, len(cases) == 1)
+            roiPath = roi_for_case(case, roiFolder, len(cases) == 1)
             result = scorer.score(source, roi=roiPath, roi_labels=roiLabels, roi_margin_mm=roiMarginMm,
                                   name=case.name, heatmap_sink=sink, progress=caseProgress, cancel=cancel)  # fmt: skip
             extra = {"image": str(Path(case.image).resolve())}  # as `anomalyflag score` records it

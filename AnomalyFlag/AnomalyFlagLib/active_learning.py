@@ -15,9 +15,9 @@ import os
 from pathlib import Path
 from typing import Dict, List, Optional
 
+from .atomic_files import write_text_atomic
 from .errors import InputError, SessionError
 from .label_versions import latest_version
-from .outputs import write_atomic
 from .review import current_decisions, load_sidecar, read_case_outputs, utc_now
 
 logger = logging.getLogger(__name__)
@@ -120,7 +120,7 @@ def worklist_csv(rows: List[dict]) -> str:
 
 
 def write_worklist(rows: List[dict], path) -> Path:
-    return write_atomic(path, worklist_csv(rows))
+    return write_text_atomic(path, worklist_csv(rows))
 
 
 def read_worklist(path) -> List[dict]:
@@ -275,5 +275,5 @@ def export_training_datalist(outputs_dir, output_json, images_dir=None) -> dict:
             "skipped": skipped,
         },
     }
-    write_atomic(output_json, json.dumps(datalist, indent=2) + "\n")
+    write_text_atomic(output_json, json.dumps(datalist, indent=2) + "\n")
     return datalist

@@ -16,13 +16,13 @@ from __future__ import annotations
 import json
 import math
 import os
-import secrets
 import warnings
 from pathlib import Path
 from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
+from .atomic_files import write_text_atomic
 from .errors import InputError
 
 PathLike = Union[str, "os.PathLike[str]"]
@@ -589,19 +589,8 @@ def write_report_json(path: PathLike, report: Dict[str, Any]) -> Path:
         text = json.dumps(_to_json(report), indent=2, allow_nan=False)
     except (TypeError, ValueError) as exc:
         raise InputError(f"report cannot be written as JSON: {exc}") from exc
-    tmp_name = None
     try:
-        # same folder (os.replace must not cross file systems); mode "x" keeps the usual permissions
-        tmp_name = str(path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp"))
-        with open(tmp_name, "x", encoding="utf-8") as handle:
-            handle.write(text + "\n")
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp_name, path)
-        tmp_name = None
+        write_text_atomic(path, text + "\n")
     except OSError as exc:
         raise InputError(f"cannot write report JSON '{path}': {exc}") from exc
-    finally:
-        if tmp_name is not None and os.path.exists(tmp_name):
-            os.unlink(tmp_name)
     return path

@@ -11,6 +11,7 @@ import re
 from pathlib import Path
 from typing import Callable, List, Optional, Tuple
 
+from .atomic_files import fsync_dir
 from .errors import InputError, SessionError
 
 SUFFIX = ".seg.nrrd"
@@ -83,7 +84,7 @@ def write_new_version(folder, case: str, write: Callable[[Path], None], attempts
                 except FileExistsError:
                     continue
                 os.replace(tmp, target)
-            _fsync_dir(folder)
+            fsync_dir(folder)
             return target
         raise SessionError(f"no free version number for the edited segmentation of {case} in '{folder}'.")
     except OSError as exc:
@@ -93,16 +94,3 @@ def write_new_version(folder, case: str, write: Callable[[Path], None], attempts
             tmp.unlink()
         except OSError:
             pass
-
-
-def _fsync_dir(folder: Path) -> None:
-    try:
-        fd = os.open(str(folder), os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)

@@ -7,26 +7,10 @@ import csv
 import io
 import json
 import math
-import os
 from pathlib import Path
 
+from .atomic_files import write_text_atomic
 from .scoring import HEATMAP_SCALE, SLICE_COLUMNS, CaseResult
-
-
-def write_atomic(path, text: str) -> Path:
-    """Write text through a temporary file, fsync and rename."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        with open(tmp, "w", newline="") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    return path
 
 
 def _clean(value):
@@ -40,7 +24,7 @@ def _clean(value):
 
 
 def write_json(path, data: dict) -> Path:
-    return write_atomic(path, json.dumps(_clean(data), indent=2) + "\n")
+    return write_text_atomic(path, json.dumps(_clean(data), indent=2) + "\n")
 
 
 def case_paths(out_dir, case: str) -> dict:
@@ -89,7 +73,7 @@ def write_case_files(result: CaseResult, out_dir, extra_summary: dict = None) ->
         for key, value in heatmap_key_values(result.model_name, result.threshold).items():
             image.SetMetaData(key, value)
         write_image_atomic(image, paths["heatmap"])
-    write_atomic(paths["slices"], slices_csv(result))
+    write_text_atomic(paths["slices"], slices_csv(result))
     summary = result.summary()
     summary["files"] = {k: p.name for k, p in paths.items()}
     summary.update(extra_summary or {})

@@ -26,6 +26,7 @@ from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
+from .atomic_files import write_text_atomic
 from .errors import InputError, SessionError
 from .geometry import Geometry
 from .orientation import AxialFrame
@@ -134,22 +135,6 @@ def image_fingerprint_of(image, geometry: Optional[Geometry] = None) -> str:
     return "sha256:" + h.hexdigest()
 
 
-def _fsync_dir(folder: Path) -> None:
-    """Make a rename in FOLDER durable; best effort (Windows and some network file systems cannot)."""
-    if os.name == "nt":
-        return
-    try:
-        fd = os.open(str(folder), os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def _dumps(data: dict) -> str:
     """JSON with one top-level key per line and one list item (queue entry, decision) per line."""
     lines = []
@@ -163,22 +148,8 @@ def _dumps(data: dict) -> str:
 
 
 def write_json_durably(path: Path, data: dict) -> None:
-    """Temporary file in the same folder, flush, fsync, os.replace, fsync the folder."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    text = _dumps(data)
-    try:
-        with open(tmp, "w", encoding="utf-8", newline="\n") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        _fsync_dir(path.parent)
-    finally:
-        try:
-            tmp.unlink()
-        except FileNotFoundError:
-            pass
+    """Write the sidecar durably (see atomic_files.write_text_atomic)."""
+    write_text_atomic(path, _dumps(data))
 
 
 def _finite_or_none(value) -> Optional[float]:

@@ -7,6 +7,7 @@ installed yet when Slicer loads this module (see ``AnomalyFlagDependencies``).
 """
 
 import importlib
+import json
 import logging
 import os
 import pathlib
@@ -574,6 +575,12 @@ class AnomalyFlagLogic(ScriptedLoadableModuleLogic):
 
     def __init__(self) -> None:
         ScriptedLoadableModuleLogic.__init__(self)
+        self._review = None  # the open review: session, case, nodes, pending recontours
+        self._worklist = None  # {"folder", "rows", "index"}
+        self._loadedCase = None  # what loadReviewCase put into the scene for the current worklist case
+        self.reviewer = ""
+        self.decisionsTableNode = None
+        self.preferredSegmentName = ""
 
     def getParameterNode(self) -> AnomalyFlagParameterNode:
         return AnomalyFlagParameterNode(super().getParameterNode())
@@ -754,6 +761,411 @@ class AnomalyFlagLogic(ScriptedLoadableModuleLogic):
         if volumeNode is None:
             raise ValueError(_("No volume to navigate in."))
         return _bridge("navigation").jumpToSlice(volumeNode, heatmapNode, int(sliceIndex), sliceNodes=sliceNodes)
+
+    # ------------------------------------------------------------------ review loop (console API)
+    #
+    # One case at a time: openReview() starts or resumes the review session of a scored case (the
+    # sidecar <case>_review.json next to its outputs, see AnomalyFlagLib.review); acceptSlice(),
+    # skipSlice() and startRecontour()/finishRecontour() record decisions, each saved to the sidecar
+    # before returning and mirrored in the decisions table node. loadWorklist()/nextCase()/
+    # previousCase() walk a worklist folder (worklist.csv from `anomalyflag worklist`). Errors are the
+    # library's SessionError/InputError; after an error nothing already recorded has changed.
+    #
+    # Example::
+    #
+    #     logic = slicer.util.getModuleLogic("AnomalyFlag")
+    #     case = logic.loadWorklist("/data/scores", reviewer="Dr Ann")  # loads and opens the top case
+    #     for item in logic.reviewQueue():
+    #         print(item["slice"], item["score"], item["decision"])
+    #     logic.acceptSlice(12)
+    #     target = logic.startRecontour(14)  # then edit the segment in the Segment Editor
+    #     logic.finishRecontour(14, note="liver dome")  # saves <case>_seg_v1.seg.nrrd
+    #     print(logic.reviewProgressText())
+    #     logic.nextCase()
+
+    @staticmethod
+    def _errors():
+        return importlib.import_module("AnomalyFlagLib.errors")
+
+    def _requireReview(self):
+        if self._review is None or self._review["session"].closed:
+            raise self._errors().SessionError(_("No review is open; open a case first."))
+        return self._review
+
+    @property
+    def reviewSession(self):
+        """The open ReviewSession (AnomalyFlagLib.review), or None."""
+        return self._review["session"] if self._review is not None else None
+
+    @property
+    def reviewCase(self) -> dict:
+        """The case under review: dict(case, outputFolder, volume, heatmap, segmentation, segmentId), or {}."""
+        if self._review is None:
+            return {}
+        return {k: self._review[k] for k in ("case", "outputFolder", "volume", "heatmap", "segmentation", "segmentId")}
+
+    def _chooseSegmentId(self, segmentationNode, segmentId):
+        """The segment to recontour: `segmentId` (ID or name), else the segment named like the one reviewed
+        before, else the only or the first segment."""
+        if segmentationNode is None:
+            return None
+        review = _bridge("review")
+        if segmentId:
+            return review._requireSegmentId(segmentationNode, segmentId)
+        segmentation = segmentationNode.GetSegmentation()
+        if segmentation.GetNumberOfSegments() == 0:
+            raise self._errors().InputError(
+                _("Segmentation '{name}' has no segments to review.").format(name=segmentationNode.GetName())
+            )
+        preferred = None
+        if self.preferredSegmentName:
+            preferred = review._segmentId(segmentationNode, self.preferredSegmentName)
+        return preferred or segmentation.GetNthSegmentID(0)
+
+    def openReview(self, outputFolder, case, reviewer, volumeNode=None, segmentationNode=None, segmentId=None,
+                   order="auto"):  # fmt: skip
+        """Start or resume the review of `case` from its scoring outputs in `outputFolder`.
+
+        :param reviewer: the reviewer's name (recorded with every decision).
+        :param volumeNode: the case's image in the scene; None uses the case loaded from the worklist (or
+            reviews without an image: decisions only, no recontouring). It must be on the scored grid; its
+            voxels are fingerprinted so that a sidecar written for another image is refused.
+        :param segmentationNode, segmentId: the automatic segmentation and the segment to recontour (ID or
+            name; None: the segment reviewed before, else the first). Its labelmaps must lie on the
+            volume's voxel grid.
+        :param order: "auto", "normalised" or "roi" (see AnomalyFlagLib.review.ReviewSession.open).
+        :returns: the ReviewSession; the decisions table node (``decisionsTableNode``) follows it.
+
+        Raises SessionError/InputError (missing outputs, a sidecar from another model or image, a damaged
+        sidecar, a locked case, an unwritable folder, a volume or segmentation that does not match); the
+        sidecar is then left unchanged and the previously open review stays closed.
+        """
+        from AnomalyFlagLib.geometry import Geometry
+        from AnomalyFlagLib.review import ReviewSession, read_case_outputs
+
+        errors = self._errors()
+        outputFolder = pathlib.Path(str(outputFolder))
+        case = str(case)
+        reviewer = str(reviewer or "").strip()
+        if not reviewer:
+            raise errors.InputError(_("Enter the reviewer's name before opening a review."))
+        self.closeReview()
+        loaded = self._loadedCase if self._loadedCase and self._loadedCase["case"] == case else None
+        if volumeNode is None and loaded is not None:
+            volumeNode = loaded["volume"]
+            segmentationNode = segmentationNode or loaded["segmentation"]
+        heatmapNode = loaded["heatmap"] if loaded is not None and volumeNode is loaded["volume"] else None
+        summary, _table = read_case_outputs(outputFolder, case)
+        imageFingerprint = imagePath = None
+        review = _bridge("review")
+        if volumeNode is not None:
+            geometry = _bridge("volumes").geometryFromVolumeNode(volumeNode)
+            scored = Geometry.from_dict(summary["geometry"])
+            if not geometry.matches(scored):
+                raise errors.InputError(
+                    _("Volume '{name}' ({grid}) is not the image case '{case}' was scored on ({scored}).").format(
+                        name=volumeNode.GetName(), grid=geometry.describe(), case=case, scored=scored.describe()
+                    )
+                )
+            imageFingerprint = review.imageFingerprintOfVolumeNode(volumeNode)
+            storage = volumeNode.GetStorageNode()
+            imagePath = storage.GetFileName() if storage is not None and storage.GetFileName() else None
+        if loaded is not None and not imagePath:
+            imagePath = loaded.get("imagePath")
+        segmentId = self._chooseSegmentId(segmentationNode, segmentId)
+        segmentationPath = None
+        if segmentationNode is not None:
+            if volumeNode is None:
+                raise errors.InputError(_("A segmentation can only be reviewed together with its volume."))
+            review.requireSegmentationOnVolumeGrid(segmentationNode, volumeNode)
+            if loaded is not None and segmentationNode is loaded["segmentation"]:
+                segmentationPath = loaded.get("segmentationPath")
+            else:
+                storage = segmentationNode.GetStorageNode()
+                segmentationPath = storage.GetFileName() if storage is not None and storage.GetFileName() else None
+        session = ReviewSession.open(
+            outputFolder,
+            case,
+            reviewer,
+            model_fingerprint=summary.get("model_fingerprint"),
+            image_fingerprint=imageFingerprint,
+            order=order,
+            image_path=imagePath,
+            segmentation_path=segmentationPath,
+        )
+        self.reviewer = reviewer
+        if segmentationNode is not None and segmentId:
+            self.preferredSegmentName = segmentationNode.GetSegmentation().GetSegment(segmentId).GetName()
+        self._review = {
+            "session": session,
+            "case": case,
+            "outputFolder": outputFolder,
+            "volume": volumeNode,
+            "heatmap": heatmapNode,
+            "segmentation": segmentationNode,
+            "segmentId": segmentId,
+            "original": loaded.get("originalSegmentation") if loaded is not None else None,
+            "recontouring": {},  # slice -> original mask of the segment, taken by startRecontour
+        }
+        try:
+            self._updateDecisionsTable()
+        except Exception:
+            session.close()
+            self._review = None
+            raise
+        return session
+
+    def _updateDecisionsTable(self):
+        """Refill the decisions table node from the session (created on first use)."""
+        review = self._requireReview()
+        table = self.decisionsTableNode
+        if table is not None and table.GetScene() is None:
+            table = None
+        table = _bridge("review").decisionsToTableNode(review["session"], table)
+        table.SetName(_("{case} review decisions").format(case=review["case"]))
+        self.decisionsTableNode = table
+        return table
+
+    def closeReview(self) -> None:
+        """Release the open review's lock (its sidecar and the decisions table stay). Safe to call twice."""
+        if self._review is not None:
+            self._review["session"].close()
+            self._review = None
+
+    def reviewQueue(self) -> list:
+        """Flagged slices of the open review in review order, each a dict: slice, score (normalised),
+        anomalyFraction, decision ("accepted", "recontoured", "skipped" or None), note, change, label."""
+        review = self._requireReview()
+        session = review["session"]
+        decided = session.decisions
+        out = []
+        for item in session.queue:
+            record = decided.get(int(item["slice"])) or {}
+            out.append(
+                {
+                    "slice": int(item["slice"]),
+                    "score": item.get("normalised"),
+                    "anomalyFraction": item.get("anomaly_fraction"),
+                    "decision": record.get("decision"),
+                    "note": record.get("note", ""),
+                    "change": record.get("change"),
+                    "label": record.get("label"),
+                }
+            )
+        return out
+
+    def reviewProgress(self) -> tuple:
+        """(reviewed, total) flagged slices of the open review; (0, 0) when none is open."""
+        if self._review is None:
+            return (0, 0)
+        return self._review["session"].progress()
+
+    def reviewProgressText(self) -> str:
+        """'7 of 19 reviewed' for the open review."""
+        if self._review is None:
+            return _("No review open.")
+        reviewed, total = self.reviewProgress()
+        return _("{reviewed} of {total} reviewed").format(reviewed=reviewed, total=total)
+
+    def nextPendingSlice(self):
+        """The first undecided slice in review order, or None when the review is complete."""
+        item = self._requireReview()["session"].next_pending()
+        return None if item is None else int(item["slice"])
+
+    def jumpToReviewSlice(self, sliceIndex, sliceNodes=None):
+        """Centre the slice views on the hottest region of `sliceIndex` of the case under review."""
+        review = self._requireReview()
+        if review["volume"] is None:
+            raise self._errors().InputError(_("The review has no volume to show."))
+        return self.jumpToFlaggedSlice(review["volume"], review["heatmap"], sliceIndex, sliceNodes=sliceNodes)
+
+    def _decide(self, sliceIndex, decision, note="", change=None, labelPath=None) -> dict:
+        review = self._requireReview()
+        record = review["session"].decide(int(sliceIndex), decision, note=note, change=change, label_path=labelPath)
+        review["recontouring"].pop(int(sliceIndex), None)
+        self._updateDecisionsTable()
+        return record
+
+    def acceptSlice(self, sliceIndex, note="") -> dict:
+        """Record that the segmentation is right on `sliceIndex`; returns the decision record."""
+        return self._decide(sliceIndex, "accepted", note)
+
+    def skipSlice(self, sliceIndex, note="") -> dict:
+        """Record that `sliceIndex` was looked at but not decided on; returns the decision record."""
+        return self._decide(sliceIndex, "skipped", note)
+
+    def undoLastDecision(self):
+        """Withdraw the most recent decision of the open review; returns it, or None."""
+        review = self._requireReview()
+        removed = review["session"].undo_last()
+        self._updateDecisionsTable()
+        return removed
+
+    def _requireQueued(self, review, sliceIndex):
+        if int(sliceIndex) not in {int(q["slice"]) for q in review["session"].queue}:
+            raise self._errors().InputError(
+                _("Slice {index} of case '{case}' is not a flagged slice of this review.").format(
+                    index=sliceIndex, case=review["case"]
+                )
+            )
+
+    def startRecontour(self, sliceIndex) -> dict:
+        """Prepare recontouring `sliceIndex`: returns the recontour target (segmentation node ID, segment ID
+        and name, source volume node ID, slice, RAS point of the hottest region; see
+        AnomalyFlagMRML.review.recontourTarget) and remembers the segment's original labelmap, against
+        which finishRecontour() measures the change. The GUI opens the Segment Editor on this target."""
+        review = self._requireReview()
+        errors = self._errors()
+        if review["segmentation"] is None or not review["segmentId"]:
+            raise errors.InputError(
+                _("Case '{case}' has no segmentation in the review; load or select one to recontour.").format(
+                    case=review["case"]
+                )
+            )
+        self._requireQueued(review, sliceIndex)
+        bridge = _bridge("review")
+        target = bridge.recontourTarget(review["segmentation"], review["segmentId"], review["volume"], int(sliceIndex),
+                                        review["heatmap"])  # fmt: skip
+        if int(sliceIndex) not in review["recontouring"]:
+            import numpy as np
+
+            original = review["original"]
+            if original is not None and original.GetScene() is not None:
+                name = target["segmentName"]
+                found = bridge._segmentId(original, review["segmentId"]) or bridge._segmentId(original, name)
+                mask = (
+                    bridge.segmentLabelmapArray(original, found, review["volume"])
+                    if found
+                    else np.zeros(review["volume"].GetImageData().GetDimensions()[::-1], dtype=bool)
+                )
+            else:
+                mask = bridge.segmentLabelmapArray(review["segmentation"], review["segmentId"], review["volume"])
+            review["recontouring"][int(sliceIndex)] = mask
+        return target
+
+    def finishRecontour(self, sliceIndex, note="") -> dict:
+        """Save the edited segmentation as the next <case>_seg_v{N}.seg.nrrd in the output folder (the
+        original file is never written), measure the change on `sliceIndex` against the original
+        segment (Dice, changed voxels) and record "recontoured" with the change and the saved file.
+        Returns the decision record (its "label" is the saved file, relative to the output folder)."""
+        review = self._requireReview()
+        errors = self._errors()
+        sliceIndex = int(sliceIndex)
+        if sliceIndex not in review["recontouring"]:
+            raise errors.InputError(
+                _("Slice {index} is not being recontoured; press Recontour on it first.").format(index=sliceIndex)
+            )
+        bridge = _bridge("review")
+        change = bridge.sliceChangeFromSegmentations(review["recontouring"][sliceIndex], review["segmentation"],
+                                                     review["segmentId"], review["volume"], sliceIndex)  # fmt: skip
+        path = bridge.saveEditedSegmentationVersion(review["segmentation"], review["outputFolder"], review["case"],
+                                                    review["volume"])  # fmt: skip
+        try:
+            record = self._decide(sliceIndex, "recontoured", note, change=change, labelPath=path)
+        except errors.AnomalyFlagError as exc:
+            raise type(exc)(
+                _("{error} The edited segmentation was saved as '{path}' but the decision was not recorded.").format(
+                    error=exc, path=path
+                )
+            ) from None
+        logging.info("AnomalyFlag: %s slice %d recontoured (Dice %.3f, %d voxels changed), saved %s",
+                     review["case"], sliceIndex, change["dice"], change["changed_voxels"], path)  # fmt: skip
+        return record
+
+    # ------------------------------------------------------------------ worklist
+
+    @property
+    def worklistRows(self) -> list:
+        """Rows of the loaded worklist.csv (rank, case, max_normalised_score, flagged_slices, ...)."""
+        return list(self._worklist["rows"]) if self._worklist else []
+
+    @property
+    def worklistIndex(self) -> int:
+        """Index of the current case in worklistRows; -1 when no worklist is loaded."""
+        return self._worklist["index"] if self._worklist else -1
+
+    def loadWorklist(self, folder, reviewer=None, index=0, segmentName=None) -> dict:
+        """Read `folder`/worklist.csv and load its case number `index` (0: the most anomalous) into the
+        scene; with a reviewer name (or one used before) its review is opened too, recontouring the
+        segment named `segmentName` (else the one reviewed before, else the first segment). Returns
+        dict(case, index, volume, heatmap, segmentation) of the loaded case."""
+        from AnomalyFlagLib.active_learning import WORKLIST_NAME, read_worklist
+
+        errors = self._errors()
+        folder = pathlib.Path(str(folder))
+        path = folder / WORKLIST_NAME
+        if not path.is_file():
+            raise errors.InputError(
+                _("'{folder}' has no {name}; create it with 'anomalyflag worklist'.").format(
+                    folder=folder, name=WORKLIST_NAME
+                )
+            )
+        try:
+            rows = read_worklist(path)
+        except (OSError, UnicodeDecodeError, KeyError) as exc:
+            raise errors.InputError(_("'{path}' cannot be read: {error}").format(path=path, error=exc)) from None
+        if not rows or any("case" not in r for r in rows):
+            raise errors.InputError(_("'{path}' lists no cases.").format(path=path))
+        if reviewer is not None:
+            self.reviewer = str(reviewer).strip()
+        if segmentName:
+            self.preferredSegmentName = str(segmentName)
+        previous = self._worklist
+        self._worklist = {"folder": folder, "rows": rows, "index": -1}
+        try:
+            return self._goToCase(index)
+        except Exception:
+            if self._worklist["index"] == -1:  # nothing was loaded: keep the previous worklist
+                self._worklist = previous
+            raise
+
+    def nextCase(self):
+        """Close the current review and load (and open) the next case of the worklist; None at the end."""
+        if not self._worklist or self._worklist["index"] + 1 >= len(self._worklist["rows"]):
+            return None
+        return self._goToCase(self._worklist["index"] + 1)
+
+    def previousCase(self):
+        """Close the current review and load (and open) the previous case of the worklist; None at the start."""
+        if not self._worklist or self._worklist["index"] <= 0:
+            return None
+        return self._goToCase(self._worklist["index"] - 1)
+
+    def _goToCase(self, index):
+        """Load worklist case `index`; remove the previous case's nodes only once the new one is loaded."""
+        errors = self._errors()
+        rows, folder = self._worklist["rows"], self._worklist["folder"]
+        if not 0 <= int(index) < len(rows):
+            raise errors.InputError(_("The worklist has no case number {index}.").format(index=int(index) + 1))
+        row = rows[int(index)]
+        case = row["case"]
+        imagePath = row.get("case_path") or None
+        if not imagePath:
+            try:
+                summary = json.loads((folder / f"{case}_summary.json").read_text(encoding="utf-8"))
+                imagePath = summary.get("image") or summary.get("source_image")
+            except (OSError, ValueError):
+                imagePath = None
+        bridge = _bridge("review")
+        segmentationPath = bridge.findOriginalSegmentation(imagePath, case)
+        loaded = bridge.loadReviewCase(folder, case, imagePath, segmentationPath)
+        loaded["case"] = case
+        loaded["imagePath"] = str(imagePath)
+        self.closeReview()
+        if self._loadedCase is not None:
+            bridge.removeReviewCase(self._loadedCase)
+        self._loadedCase = loaded
+        self._worklist["index"] = int(index)
+        if self.reviewer:
+            self.openReview(folder, case, self.reviewer)
+        return {"case": case, "index": int(index), **{k: loaded[k] for k in ("volume", "heatmap", "segmentation")}}
+
+    def unloadCase(self) -> None:
+        """Close the review and remove the nodes loaded for the current worklist case."""
+        self.closeReview()
+        if self._loadedCase is not None:
+            _bridge("review").removeReviewCase(self._loadedCase)
+            self._loadedCase = None
 
 
 #

@@ -302,3 +302,206 @@ def prepareSegmentEditorNode(target, segmentEditorNode=None, scene=None):
         segmentEditorNode.SetAndObserveMasterVolumeNode(volumeNode)
     segmentEditorNode.SetSelectedSegmentID(target["segmentID"])
     return segmentEditorNode
+
+
+# ----------------------------------------------------------------------------------------------------
+# Checks and loading for the module's review loop
+
+
+def imageFingerprintOfVolumeNode(volumeNode) -> str:
+    """Content fingerprint of a volume node (grid + voxel bytes), equal to the library's
+    `image_fingerprint_of(path)` for the file it was read from."""
+    from AnomalyFlagLib.review import image_fingerprint_of
+
+    from .volumes import arrayAndGeometryFromVolumeNode
+
+    array, geometry = arrayAndGeometryFromVolumeNode(volumeNode)
+    return image_fingerprint_of(array, geometry)
+
+
+def requireSegmentationOnVolumeGrid(segmentationNode, volumeNode, segmentIds=None, tolerance=1e-3):
+    """Raise InputError unless the segments' binary labelmaps lie on the volume's voxel lattice (same
+    spacing and axes, origin a whole number of voxels away) and their voxels inside the volume.
+
+    A segment stored cropped to its extent (as Slicer does) passes; one drawn on another scan, or
+    resampled onto another grid, does not. Segments whose source is not a binary labelmap (closed
+    surfaces) have no grid of their own and are rasterised onto the volume's grid, so they pass."""
+    if segmentationNode is None or volumeNode is None or volumeNode.GetImageData() is None:
+        raise InputError("A segmentation and a volume with image data are needed.")
+    from vtk.util import numpy_support
+
+    from .segmentation import BINARY_LABELMAP
+    from .volumes import ijkToRASArray
+
+    segmentation = segmentationNode.GetSegmentation()
+    sourceName = (
+        segmentation.GetSourceRepresentationName()
+        if hasattr(segmentation, "GetSourceRepresentationName")
+        else segmentation.GetMasterRepresentationName()
+    )
+    if sourceName != BINARY_LABELMAP:
+        return
+    label = f"segmentation '{segmentationNode.GetName()}'"
+    volumeLabel = f"volume '{volumeNode.GetName()}'"
+    if (segmentationNode.GetTransformNodeID() or "") != (volumeNode.GetTransformNodeID() or ""):
+        raise InputError(f"{label} and {volumeLabel} are under different transforms; they do not line up.")
+    volumeToRAS = ijkToRASArray(volumeNode)
+    rasToVolume = np.linalg.inv(volumeToRAS)
+    dims = np.asarray(volumeNode.GetImageData().GetDimensions())
+    ids = [_requireSegmentId(segmentationNode, s) for s in segmentIds] if segmentIds else [
+        segmentation.GetNthSegmentID(i) for i in range(segmentation.GetNumberOfSegments())
+    ]  # fmt: skip
+    for segmentId in ids:
+        image = segmentation.GetSegment(segmentId).GetRepresentation(BINARY_LABELMAP)
+        if image is None or image.GetPointData() is None or image.GetPointData().GetScalars() is None:
+            continue
+        extent = image.GetExtent()
+        if extent[1] < extent[0] or extent[3] < extent[2] or extent[5] < extent[4]:
+            continue  # empty segment
+        matrix = vtk.vtkMatrix4x4()
+        image.GetImageToWorldMatrix(matrix)
+        segmentToRAS = np.array([[matrix.GetElement(r, c) for c in range(4)] for r in range(4)])
+        segmentToVolume = rasToVolume @ segmentToRAS
+        name = f"segment '{segmentation.GetSegment(segmentId).GetName()}' of {label}"
+        if not np.allclose(segmentToVolume[:3, :3], np.eye(3), atol=tolerance):
+            spacing = ", ".join(f"{s:.4g}" for s in np.linalg.norm(segmentToRAS[:3, :3], axis=0))
+            raise InputError(
+                f"{name} is on another voxel grid than {volumeLabel} (spacing {spacing} mm or axes differ); it "
+                "does not belong to this image. Load the segmentation made on this scan."
+            )
+        offset = segmentToVolume[:3, 3]
+        if not np.allclose(offset, np.round(offset), atol=tolerance):
+            raise InputError(
+                f"{name} is shifted by a fraction of a voxel against {volumeLabel}; it does not belong to this "
+                "image. Load the segmentation made on this scan."
+            )
+        scalars = numpy_support.vtk_to_numpy(image.GetPointData().GetScalars())
+        shape = (extent[5] - extent[4] + 1, extent[3] - extent[2] + 1, extent[1] - extent[0] + 1)
+        value = segmentation.GetSegment(segmentId).GetLabelValue()
+        inside = scalars.reshape(shape) == value
+        if not inside.any():
+            continue
+        k, j, i = (np.flatnonzero(inside.any(axis=axes)) for axes in ((1, 2), (0, 2), (0, 1)))
+        low = np.round(offset).astype(int) + np.array([extent[0] + i[0], extent[2] + j[0], extent[4] + k[0]])
+        high = np.round(offset).astype(int) + np.array([extent[0] + i[-1], extent[2] + j[-1], extent[4] + k[-1]])
+        if (low < 0).any() or (high >= dims).any():
+            raise InputError(
+                f"{name} reaches outside {volumeLabel} (voxels {tuple(low)}-{tuple(high)}, the volume has "
+                f"{tuple(int(d) for d in dims)}); it does not belong to this image."
+            )
+
+
+def _nodeIDs(scene):
+    return {scene.GetNthNode(i).GetID() for i in range(scene.GetNumberOfNodes())}
+
+
+def findOriginalSegmentation(imagePath, case):
+    """The automatic segmentation stored next to a case's image: <case>.seg.nrrd, <case>_seg.* or
+    <case>_organs.* in the image's folder (not the image itself); None when there is none."""
+    from AnomalyFlagLib.volume_io import case_name
+
+    if not imagePath:
+        return None
+    imagePath = Path(imagePath)
+    folder = imagePath if imagePath.is_dir() else imagePath.parent
+    if not folder.is_dir():
+        return None
+    wanted = (f"{case}.seg", f"{case}_seg", f"{case}_organs")
+    for name in wanted:
+        for candidate in sorted(folder.iterdir()):
+            if candidate.is_file() and candidate != imagePath and case_name(candidate) == name:
+                return candidate
+    return None
+
+
+def loadReviewCase(outputFolder, case, imagePath, segmentationPath=None, scene=None):
+    """Load a scored case for review: its image as a scalar volume node (read as the scoring read it),
+    the heatmap `<case>_heatmap.nrrd` of `outputFolder` over it, and the segmentation to edit, shown as
+    outlines. The segmentation to edit is the newest saved version `<case>_seg_v{N}.seg.nrrd` when there
+    is one (earlier edits are kept), else `segmentationPath` (a .seg.nrrd or label map); the original is
+    then also loaded (hidden) as the reference for the change measure.
+
+    Returns dict(volume, heatmap, segmentation, originalSegmentation, segmentationPath, nodeIDs): nodeIDs
+    are every node added, for `removeReviewCase`. On failure nothing stays in the scene."""
+    import SimpleITK as sitk
+    from AnomalyFlagLib.geometry import Geometry, require_same_geometry
+    from AnomalyFlagLib.label_versions import latest_version
+    from AnomalyFlagLib.volume_io import read_image
+
+    from .heatmap import ATTR_CASE as HEAT_CASE
+    from .heatmap import ATTR_ROLE as HEAT_ROLE
+    from .heatmap import ATTR_SCALE, showHeatmap
+    from .segmentation import showSegmentationOutlines
+    from .volumes import copyVolumeGeometry, updateVolumeNodeFromArray
+    from .workflow import _loadSegmentation
+
+    scene = scene or slicer.mrmlScene
+    outputFolder = Path(outputFolder)
+    if not imagePath:
+        raise InputError(
+            f"the image of case '{case}' is not recorded in the worklist or its summary; score it again or "
+            "give the image path."
+        )
+    before = _nodeIDs(scene)
+    try:
+        image = read_image(imagePath, f"image of case '{case}'")
+        geometry = Geometry.from_image(image)
+        volume = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", case)
+        updateVolumeNodeFromArray(volume, sitk.GetArrayViewFromImage(image), geometry)
+        volume.CreateDefaultDisplayNodes()
+        volume.SetAttribute(ATTR_CASE, case)
+        del image
+        heatmap = None
+        heatmapPath = outputFolder / f"{case}_heatmap.nrrd"
+        if heatmapPath.is_file():
+            heatImage = read_image(heatmapPath, f"heatmap of case '{case}'")
+            require_same_geometry(geometry, Geometry.from_image(heatImage), f"image '{imagePath}'", f"'{heatmapPath}'")
+            heatmap = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", f"{case} anomaly heatmap")
+            updateVolumeNodeFromArray(heatmap, sitk.GetArrayViewFromImage(heatImage).astype(np.uint8), geometry)
+            copyVolumeGeometry(volume, heatmap)
+            scale = heatImage.GetMetaData("anomalyflag_scale") if heatImage.HasMetaDataKey("anomalyflag_scale") else ""
+            if scale:
+                heatmap.SetAttribute(ATTR_SCALE, scale)
+            heatmap.SetAttribute(HEAT_ROLE, "heatmap")
+            heatmap.SetAttribute(HEAT_CASE, case)
+            showHeatmap(heatmap, volume)
+        segmentation = original = None
+        latest = latest_version(outputFolder, case)
+        if segmentationPath:
+            original = _loadSegmentation(scene, segmentationPath, volume, geometry)
+            original.SetName(f"{case} original segmentation")
+        if latest is not None:
+            segmentation = loadSegmentationFile(latest, scene, f"{case} segmentation ({latest.name})")
+            if original is not None:
+                original.CreateDefaultDisplayNodes()
+                original.GetDisplayNode().SetVisibility(False)
+        else:
+            segmentation, original = original, None
+        if segmentation is not None:
+            segmentation.CreateDefaultDisplayNodes()
+            requireSegmentationOnVolumeGrid(segmentation, volume)
+            showSegmentationOutlines(segmentation)
+    except BaseException:
+        from .workflow import removeNodesAddedSince
+
+        removeNodesAddedSince(scene, before)
+        raise
+    return {
+        "volume": volume,
+        "heatmap": heatmap,
+        "segmentation": segmentation,
+        "originalSegmentation": original,
+        "segmentationPath": str(segmentationPath) if segmentationPath else None,
+        "nodeIDs": sorted(
+            i for i in _nodeIDs(scene) - before if not scene.GetNodeByID(i).IsA("vtkMRMLColorNode")
+        ),  # the shared heatmap colour table stays
+    }
+
+
+def removeReviewCase(loaded, scene=None):
+    """Remove the nodes `loadReviewCase` added (those still in the scene)."""
+    scene = scene or slicer.mrmlScene
+    for nodeID in loaded.get("nodeIDs", []):
+        node = scene.GetNodeByID(nodeID)
+        if node is not None:
+            scene.RemoveNode(node)

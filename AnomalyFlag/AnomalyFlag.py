@@ -102,6 +102,8 @@ class AnomalyFlagParameterNode:
     thresholdOverride: normalised-score threshold; 0 uses the model's calibrated threshold.
     batchSize: slices per batch; 0 chooses one from the device.
     heatmapVolume, scoreTable, scoreChart: outputs (created when not set).
+    reviewer: the reviewer's name, recorded with every review decision.
+    worklistFolder: folder with worklist.csv and the scored cases to review.
     """
 
     inputVolume: vtkMRMLScalarVolumeNode
@@ -114,6 +116,8 @@ class AnomalyFlagParameterNode:
     heatmapVolume: vtkMRMLScalarVolumeNode
     scoreTable: vtkMRMLTableNode
     scoreChart: vtkMRMLPlotChartNode
+    reviewer: str = ""
+    worklistFolder: pathlib.Path
 
 
 def _isUnset(path) -> bool:
@@ -138,6 +142,8 @@ class AnomalyFlagWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._runInputs = None
         self._pollTimer = None
         self._updatingSegmentSelector = False
+        self._shortcuts = []
+        self._recontourSlice = None
 
     def setup(self) -> None:
         ScriptedLoadableModuleWidget.setup(self)
@@ -165,9 +171,26 @@ class AnomalyFlagWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.previousFlaggedButton.connect("clicked(bool)", self.onPreviousFlagged)
         self.ui.nextFlaggedButton.connect("clicked(bool)", self.onNextFlagged)
 
+        self.ui.loadWorklistButton.connect("clicked(bool)", self.onLoadWorklist)
+        self.ui.previousCaseButton.connect("clicked(bool)", self.onPreviousCase)
+        self.ui.nextCaseButton.connect("clicked(bool)", self.onNextCase)
+        self.ui.reviewSlicesListWidget.connect("currentRowChanged(int)", self.onReviewSliceSelected)
+        self.ui.acceptSliceButton.connect("clicked(bool)", self.onAcceptSlice)
+        self.ui.recontourSliceButton.connect("clicked(bool)", self.onRecontourSlice)
+        self.ui.skipSliceButton.connect("clicked(bool)", self.onSkipSlice)
+        self.ui.finishRecontourButton.connect("clicked(bool)", self.onFinishRecontour)
+        self.ui.undoDecisionButton.connect("clicked(bool)", self.onUndoDecision)
+        # Keyboard shortcuts of the review; active while this panel is shown (a line edit with focus
+        # keeps its letters).
+        for key, slot in (("A", self.onAcceptSlice), ("R", self.onRecontourSlice), ("S", self.onSkipSlice)):
+            shortcut = qt.QShortcut(qt.QKeySequence(key), self.parent)
+            shortcut.connect("activated()", slot)
+            self._shortcuts.append(shortcut)
+
         self.ui.progressBar.setVisible(False)
         self.ui.cancelButton.enabled = False
         self._updateFlaggedNavigation()
+        self._updateReviewGui()
 
         self._pollTimer = qt.QTimer()
         self._pollTimer.setInterval(POLL_INTERVAL_MS)
@@ -181,6 +204,12 @@ class AnomalyFlagWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self._runner.cancel()
         if self._pollTimer is not None:
             self._pollTimer.stop()
+        for shortcut in self._shortcuts:
+            shortcut.disconnect("activated()")
+            shortcut.setParent(None)
+        self._shortcuts = []
+        if self.logic is not None:
+            self.logic.closeReview()  # releases the case's review lock; decisions are already saved
         self.removeObservers()
         self.setParameterNode(None)
 
@@ -198,6 +227,10 @@ class AnomalyFlagWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self._runner.cancel()
         self.setParameterNode(None)
         self._clearFlaggedList()
+        self.logic.unloadCase()
+        self.logic.decisionsTableNode = None
+        self._recontourSlice = None
+        self._updateReviewGui()
 
     def onSceneEndClose(self, caller, event) -> None:
         if self.parent.isEntered:
@@ -547,6 +580,213 @@ class AnomalyFlagWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         listWidget = self.ui.flaggedSlicesListWidget
         if listWidget.currentRow < listWidget.count - 1:
             listWidget.setCurrentRow(listWidget.currentRow + 1)
+
+    # ------------------------------------------------------------------ review loop
+
+    def _updateReviewGui(self) -> None:
+        """Case label, progress, the flagged-slice list with scores and decisions, button states."""
+        logic = self.logic
+        session = logic.reviewSession
+        rows = logic.worklistRows
+        index = logic.worklistIndex
+        caseName = logic.reviewCase.get("case") or (rows[index]["case"] if 0 <= index < len(rows) else "")
+        if caseName:
+            self.ui.reviewCaseLabel.text = _("{case} ({index} of {count})").format(
+                case=caseName, index=index + 1, count=len(rows)
+            )
+        else:
+            self.ui.reviewCaseLabel.text = _("No case loaded.")
+        self.ui.reviewProgressLabel.text = logic.reviewProgressText()
+        self.ui.previousCaseButton.enabled = index > 0
+        self.ui.nextCaseButton.enabled = 0 <= index < len(rows) - 1
+        listWidget = self.ui.reviewSlicesListWidget
+        selected = self._selectedReviewSlice()
+        listWidget.blockSignals(True)
+        listWidget.clear()
+        decisionText = {"accepted": _("accepted"), "recontoured": _("recontoured"), "skipped": _("skipped")}
+        queue = logic.reviewQueue() if session is not None else []
+        for item in queue:
+            score = item["score"]
+            text = _("Slice {index}    score {score}    {decision}").format(
+                index=item["slice"],
+                score="?" if score is None else f"{float(score):.2f}",
+                decision=decisionText.get(item["decision"], _("pending")),
+            )
+            change = item.get("change")
+            if change:
+                text += "    " + _("Dice {dice}, {voxels} voxels changed").format(
+                    dice=f"{change['dice']:.3f}", voxels=change["changed_voxels"]
+                )
+            listItem = qt.QListWidgetItem(text)
+            listItem.setData(qt.Qt.UserRole, int(item["slice"]))
+            listWidget.addItem(listItem)
+            if item["slice"] == selected:
+                listWidget.setCurrentItem(listItem)
+        listWidget.blockSignals(False)
+        hasSlice = session is not None and self._selectedReviewSlice() is not None
+        self.ui.acceptSliceButton.enabled = hasSlice
+        self.ui.skipSliceButton.enabled = hasSlice
+        self.ui.recontourSliceButton.enabled = hasSlice and bool(logic.reviewCase.get("segmentation"))
+        self.ui.finishRecontourButton.enabled = session is not None and bool(logic.recontouringSlices())
+        self.ui.undoDecisionButton.enabled = session is not None and bool(session.history)
+        self.ui.decisionsTableView.setMRMLTableNode(logic.decisionsTableNode)
+
+    def _selectedReviewSlice(self):
+        item = self.ui.reviewSlicesListWidget.currentItem()
+        return None if item is None else int(item.data(qt.Qt.UserRole))
+
+    def _selectReviewSlice(self, sliceIndex) -> None:
+        """Select a slice in the review list (which jumps the views there)."""
+        listWidget = self.ui.reviewSlicesListWidget
+        for row in range(listWidget.count):
+            if int(listWidget.item(row).data(qt.Qt.UserRole)) == sliceIndex:
+                listWidget.setCurrentRow(row)
+                return
+
+    def _selectNextPending(self) -> None:
+        if self.logic.reviewSession is None:
+            return
+        nextSlice = self.logic.nextPendingSlice()
+        if nextSlice is not None:
+            self._selectReviewSlice(nextSlice)
+        else:
+            self._setStatus(_("All flagged slices of this case are reviewed."))
+
+    def _selectedSegmentName(self) -> str:
+        p = self._parameterNode
+        if p and p.segmentation and p.segmentId:
+            segment = p.segmentation.GetSegmentation().GetSegment(p.segmentId)
+            return segment.GetName() if segment is not None else ""
+        return ""
+
+    def _afterCaseChange(self, case) -> None:
+        """Show the loaded case's nodes in the Inputs section and select its first pending slice."""
+        self._recontourSlice = None
+        p = self._parameterNode
+        if case and p is not None:
+            p.inputVolume = case["volume"]
+            p.heatmapVolume = case["heatmap"]
+            p.segmentation = case["segmentation"]
+        self._updateReviewGui()
+        if self.logic.reviewSession is None and case:
+            self._setStatus(_("Case {case} loaded; enter the reviewer name and press Load to review it.").format(
+                case=case["case"]))  # fmt: skip
+        self._selectNextPending()
+
+    def onLoadWorklist(self) -> None:
+        p = self._parameterNode
+        try:
+            with slicer.util.tryWithErrorDisplay(_("The worklist could not be loaded."), waitCursor=True):
+                if _isUnset(p.worklistFolder):
+                    raise ValueError(_("Choose the worklist folder first."))
+                folder = pathlib.Path(str(p.worklistFolder))
+                sameFolder = self.logic.worklistFolder == folder
+                index = max(self.logic.worklistIndex, 0) if sameFolder else 0
+                case = self.logic.loadWorklist(folder, reviewer=p.reviewer, index=index,
+                                               segmentName=self._selectedSegmentName() or None)  # fmt: skip
+                self._afterCaseChange(case)
+        finally:
+            self._updateReviewGui()
+
+    def _changeCase(self, step) -> None:
+        try:
+            with slicer.util.tryWithErrorDisplay(_("The case could not be loaded."), waitCursor=True):
+                self.logic.reviewer = (self._parameterNode.reviewer or "").strip()
+                case = self.logic.nextCase() if step > 0 else self.logic.previousCase()
+                self._afterCaseChange(case)
+        finally:
+            self._updateReviewGui()
+
+    def onPreviousCase(self) -> None:
+        self._changeCase(-1)
+
+    def onNextCase(self) -> None:
+        self._changeCase(+1)
+
+    def onReviewSliceSelected(self, row: int) -> None:
+        self._updateReviewGui()
+        sliceIndex = self._selectedReviewSlice()
+        if sliceIndex is None or self.logic.reviewSession is None:
+            return
+        with slicer.util.tryWithErrorDisplay(_("Cannot show the flagged slice.")):
+            self.logic.jumpToReviewSlice(sliceIndex)
+
+    def _decideSelected(self, method) -> None:
+        sliceIndex = self._selectedReviewSlice()
+        if sliceIndex is None or self.logic.reviewSession is None:
+            return
+        with slicer.util.tryWithErrorDisplay(_("The decision was not saved."), waitCursor=True):
+            method(sliceIndex, note=self.ui.reviewNoteLineEdit.text)
+            self.ui.reviewNoteLineEdit.text = ""
+            self._updateReviewGui()
+            self._selectNextPending()
+
+    def onAcceptSlice(self) -> None:
+        self._decideSelected(self.logic.acceptSlice)
+
+    def onSkipSlice(self) -> None:
+        self._decideSelected(self.logic.skipSlice)
+
+    def onUndoDecision(self) -> None:
+        with slicer.util.tryWithErrorDisplay(_("The decision could not be withdrawn.")):
+            removed = self.logic.undoLastDecision()
+            self._updateReviewGui()
+            if removed:
+                self._selectReviewSlice(int(removed["slice"]))
+
+    def onRecontourSlice(self) -> None:
+        """Open Slicer's Segment Editor on the selected flagged slice with the segment selected."""
+        sliceIndex = self._selectedReviewSlice()
+        if sliceIndex is None or self.logic.reviewSession is None:
+            return
+        with slicer.util.tryWithErrorDisplay(_("Cannot start recontouring."), waitCursor=True):
+            target = self.logic.startRecontour(sliceIndex)
+            self._recontourSlice = sliceIndex
+            self._openSegmentEditor(target)
+            message = _(
+                "Recontouring slice {index} (segment '{segment}'): edit it in the Segment Editor, then come back "
+                "and press 'Finish recontour / Save version'."
+            )
+            self._setStatus(message.format(index=sliceIndex, segment=target["segmentName"]))
+            self._updateReviewGui()
+
+    def _openSegmentEditor(self, target) -> None:
+        """App only: switch to the Segment Editor with the target's segmentation, source volume and segment
+        selected (prepared by AnomalyFlagMRML.review.prepareSegmentEditorNode), and jump to the slice."""
+        slicer.util.selectModule("SegmentEditor")
+        editorWidget = slicer.modules.segmenteditor.widgetRepresentation().self().editor
+        _bridge("review").prepareSegmentEditorNode(target, editorWidget.mrmlSegmentEditorNode())
+        segmentationNode = slicer.mrmlScene.GetNodeByID(target["segmentationNodeID"])
+        volumeNode = slicer.mrmlScene.GetNodeByID(target["sourceVolumeNodeID"])
+        editorWidget.setSegmentationNode(segmentationNode)
+        if hasattr(editorWidget, "setSourceVolumeNode"):
+            editorWidget.setSourceVolumeNode(volumeNode)
+        else:  # Slicer before 5.4
+            editorWidget.setMasterVolumeNode(volumeNode)
+        editorWidget.setCurrentSegmentID(target["segmentID"])
+        self.logic.jumpToReviewSlice(target["sliceIndex"])
+
+    def onFinishRecontour(self) -> None:
+        slices = self.logic.recontouringSlices()
+        if self.logic.reviewSession is None or not slices:
+            return
+        sliceIndex = self._recontourSlice if self._recontourSlice in slices else slices[0]
+        with slicer.util.tryWithErrorDisplay(_("The edited segmentation was not saved."), waitCursor=True):
+            try:  # let an active effect (e.g. a pending paint stroke) finish before the segmentation is read
+                slicer.modules.segmenteditor.widgetRepresentation().self().editor.setActiveEffect(None)
+            except AttributeError:
+                pass
+            record = self.logic.finishRecontour(sliceIndex, note=self.ui.reviewNoteLineEdit.text)
+            self.ui.reviewNoteLineEdit.text = ""
+            self._recontourSlice = None
+            change = record["change"]
+            self._setStatus(
+                _("Slice {index} recontoured: Dice {dice}, {voxels} voxels changed; saved as {file}.").format(
+                    index=sliceIndex, dice=f"{change['dice']:.3f}", voxels=change["changed_voxels"],
+                    file=record["label"])
+            )  # fmt: skip
+            self._updateReviewGui()
+            self._selectNextPending()
 
 
 def _computeScoresTask(progress, log, cancelRequested, **job):
@@ -1043,6 +1283,10 @@ class AnomalyFlagLogic(ScriptedLoadableModuleLogic):
             review["recontouring"][int(sliceIndex)] = mask
         return target
 
+    def recontouringSlices(self) -> list:
+        """Slices on which startRecontour() was called and no decision was recorded since."""
+        return sorted(self._review["recontouring"]) if self._review is not None else []
+
     def finishRecontour(self, sliceIndex, note="") -> dict:
         """Save the edited segmentation as the next <case>_seg_v{N}.seg.nrrd in the output folder (the
         original file is never written), measure the change on `sliceIndex` against the original
@@ -1078,6 +1322,11 @@ class AnomalyFlagLogic(ScriptedLoadableModuleLogic):
     def worklistRows(self) -> list:
         """Rows of the loaded worklist.csv (rank, case, max_normalised_score, flagged_slices, ...)."""
         return list(self._worklist["rows"]) if self._worklist else []
+
+    @property
+    def worklistFolder(self):
+        """Folder of the loaded worklist (a pathlib.Path), or None."""
+        return self._worklist["folder"] if self._worklist else None
 
     @property
     def worklistIndex(self) -> int:

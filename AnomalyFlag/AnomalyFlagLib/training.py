@@ -172,7 +172,8 @@ def train(
         "case_names": slices.case_names,
         "training_slices": len(train_set),
         "calibration_slices": len(val_set),
-        "calibration_cases": [slices.case_names[i] for i in val_ids] or "slice-level split of a single case",
+        "calibration_cases": [slices.case_names[i] for i in val_ids]
+        or "slice-level split (too few cases to hold one out): every 4th block of 4 slices",
         "excluded_masked_slices": slices.excluded_slices,
         "options": asdict(options),
         "device": str(dev),

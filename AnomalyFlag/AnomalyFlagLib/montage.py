@@ -67,7 +67,7 @@ def write_flagged_montage(
         )
         ax.set_axis_off()
     fig.suptitle(f"{result.name}: {len(flagged)} flagged slice(s) of {len(scores)}", color="white", fontsize=11)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 1, 1 - 0.35 / fig.get_figheight()))
     path = Path(path)
     fig.savefig(path, facecolor="black")
     return path

@@ -158,11 +158,11 @@ def _score_cases(a, cases, out_dir, progress_label="score"):
             write_case_files(result, out_dir, extra_summary={"image": str(Path(case.image).resolve())})
             results.append((case, result))
             flagged = result.flagged_indices
-            if getattr(a, "montage", False) and flagged:
-                _write_montage(scorer, case, result, out_dir, roi, labels)
             print(f"{case.name}: {len(flagged)} of {len(result.slices)} slices flagged"
                   f"{': ' + ', '.join(map(str, flagged)) if flagged else ''}"
                   f" ({result.timings['total']:.1f} s on {result.device})")  # fmt: skip
+            if getattr(a, "montage", False) and flagged:
+                _write_montage(scorer, case, result, out_dir, roi, labels)
         except CancelledError:
             raise
         except AnomalyFlagError as exc:

@@ -45,9 +45,13 @@ class SliceSet:
     def __len__(self) -> int:
         return self.images.shape[0]
 
-    def subset(self, cases: List[int]) -> "SliceSet":
-        keep = torch.isin(self.case_index, torch.as_tensor(cases))
+    def select(self, keep: torch.Tensor) -> "SliceSet":
+        """The slices where the boolean mask `keep` is True."""
         return SliceSet(self.images[keep], self.positions[keep], self.case_index[keep], self.case_names)
+
+    def subset(self, cases: List[int]) -> "SliceSet":
+        """The slices of the given cases."""
+        return self.select(torch.isin(self.case_index, torch.as_tensor(cases)))
 
 
 def _stem(path: Path) -> str:
@@ -161,11 +165,7 @@ def split_cases(num_cases: int, validation_fraction: float, seed: int):
 
 
 def split_slices(slices: SliceSet, every: int = 4):
-    """Slice-level split for a single case: contiguous blocks, every `every`-th block to validation."""
+    """Slice-level split when no case can be held out: every `every`-th block of 4 slices to validation."""
     idx = torch.arange(len(slices))
     val = (idx // 4) % every == every - 1
-
-    def take(m):
-        return SliceSet(slices.images[m], slices.positions[m], slices.case_index[m], slices.case_names)
-
-    return take(~val), take(val)
+    return slices.select(~val), slices.select(val)

@@ -50,21 +50,10 @@ class Geometry:
     def direction_matrix(self) -> np.ndarray:
         return np.asarray(self.direction, dtype=float).reshape(3, 3)
 
-    @property
-    def num_slices(self) -> int:
-        return self.size[2]
-
     def index_to_physical(self, ijk) -> np.ndarray:
         """Physical LPS position (mm) of a continuous voxel index (i, j, k)."""
         ijk = np.asarray(ijk, dtype=float)
         return np.asarray(self.origin) + self.direction_matrix @ (np.asarray(self.spacing) * ijk)
-
-    def slice_z(self) -> np.ndarray:
-        """Superior coordinate (mm, same in LPS and RAS) of the centre of every k-slice."""
-        ci, cj = (self.size[0] - 1) / 2.0, (self.size[1] - 1) / 2.0
-        ks = np.arange(self.size[2], dtype=float)
-        step = self.direction_matrix[2] * np.asarray(self.spacing)
-        return self.origin[2] + step[0] * ci + step[1] * cj + step[2] * ks
 
     def apply_to(self, image: sitk.Image) -> sitk.Image:
         image.SetSpacing(self.spacing)

@@ -275,9 +275,3 @@ class Scorer:
             timings={"compute": round(compute_s, 3)},
             device=str(self.device),
         )
-
-
-def score_volume(model, volume, **kwargs) -> CaseResult:
-    """One-call API: load `model` (bundle path or Bundle) and score one volume; see `Scorer.score`."""
-    scorer_args = {k: kwargs.pop(k) for k in ("device", "batch_size") if k in kwargs}
-    return Scorer(model, **scorer_args).score(volume, **kwargs)

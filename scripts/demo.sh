@@ -3,13 +3,7 @@
 # demo model shipped in Resources/Models. Outputs go to outputs/demo/.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-PYTHON=${PYTHON:-python3}
-[ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
-. .venv/bin/activate
-python -m pip install -q --upgrade pip
-# The CPU build of torch first: a plain "torch" requirement would pull a multi-GB CUDA build.
-python -m pip install -q "torch==2.13.0"
-python -m pip install -q -e . numpy setuptools
+. scripts/venv.sh . numpy setuptools
 python scripts/fetch_sample_data.py --output data/sample
 anomalyflag score \
     --model Resources/Models/AnomalyFlagDemoChestCT \

@@ -73,15 +73,16 @@ class AnomalyFlag(ScriptedLoadableModule):
         self.parent.dependencies = []
         self.parent.contributors = ["AnomalyFlag contributors (https://github.com/anomalyflag/SlicerAnomalyFlag)"]
         self.parent.helpText = _(
-            "Flags the CT slices on which an automatic segmentation is likely to fail. A generative model "
-            "(f-AnoGAN) trained on normal scans reconstructs every slice; slices that differ from normal "
-            "anatomy by more than a threshold calibrated on normal scans are flagged, and an anomaly "
-            "heatmap shows where. Review the flagged slices next to the segmentation outlines and accept or "
-            "recontour them. See the "
+            "Flags the CT slices on which an automatic segmentation is likely to fail. A GAN trained on "
+            "normal scans restores every slice to normal anatomy and points at what it had to change; slices "
+            "that differ from normal anatomy by more than a threshold calibrated on normal scans are flagged, "
+            "and an anomaly heatmap shows where. Review the flagged slices next to the segmentation outlines "
+            "and accept or recontour them. See the "
             '<a href="https://github.com/anomalyflag/SlicerAnomalyFlag#readme">documentation</a>.'
         )
         self.parent.acknowledgementText = _(
-            "AnomalyFlag uses PyTorch, MONAI, SimpleITK and safetensors. The scoring follows f-AnoGAN "
+            "AnomalyFlag uses PyTorch, MONAI, SimpleITK and safetensors. Its detectors follow denoising "
+            "restoration (Kascenas et al., MIDL 2022), DRAEM (Zavrtanik et al., ICCV 2021) and f-AnoGAN "
             "(Schlegl et al., Medical Image Analysis 2019). It is a research tool, not a medical device."
         )
 
@@ -1454,8 +1455,8 @@ class AnomalyFlagTest(ScriptedLoadableModuleTest):
         import tempfile
 
         import numpy as np
-        from AnomalyFlagLib.config import ModelConfig, PreprocessConfig
-        from AnomalyFlagLib.detector import TrainingOptions
+        from AnomalyFlagLib.config import PreprocessConfig
+        from AnomalyFlagLib.detectors import DEFAULT_BACKEND, backend_class
         from AnomalyFlagLib.phantom import make_phantom, make_phantom_set
         from AnomalyFlagLib.training import train
 
@@ -1468,9 +1469,9 @@ class AnomalyFlagTest(ScriptedLoadableModuleTest):
         modelPath = train(
             root / "normal",
             root / "model",
-            ModelConfig(image_size=64, latent_dim=32, base_width=8, max_width=32),
-            PreprocessConfig(window_min=-300.0, window_max=400.0, fov_mm=None),
-            options=TrainingOptions(batch_size=16, gan_iterations=20, encoder_iterations=20, critic_steps=2),
+            DEFAULT_BACKEND,
+            *backend_class(DEFAULT_BACKEND).tiny(),
+            PreprocessConfig(image_size=64, fov_mm=None),
             device="cpu",
             log=logging.info,
         )

@@ -12,14 +12,14 @@ TINY_SLICES = 24
 TINY_SIZE = 64
 
 
-def tiny_configs():
-    from AnomalyFlagLib.config import ModelConfig, PreprocessConfig
-    from AnomalyFlagLib.detector import TrainingOptions
+def tiny_configs(backend=None):
+    """(backend, architecture, options, preprocess) of a model that trains in seconds (default backend)."""
+    from AnomalyFlagLib.config import PreprocessConfig
+    from AnomalyFlagLib.detectors import DEFAULT_BACKEND, backend_class
 
-    model = ModelConfig(image_size=64, latent_dim=32, base_width=8, max_width=32)
-    preprocess = PreprocessConfig(window_min=-300.0, window_max=400.0, fov_mm=None)
-    options = TrainingOptions(batch_size=16, gan_iterations=20, encoder_iterations=20, critic_steps=2)
-    return model, preprocess, options
+    backend = backend or DEFAULT_BACKEND
+    architecture, options = backend_class(backend).tiny()
+    return backend, architecture, options, PreprocessConfig(image_size=TINY_SIZE, fov_mm=None)
 
 
 @pytest.fixture(scope="session")
@@ -47,6 +47,15 @@ def tiny_model(phantom_normal_dir, tmp_path_factory) -> Path:
     """A calibrated bundle (image size 64) trained for a few iterations on the normal phantoms."""
     from AnomalyFlagLib.training import train
 
-    model, preprocess, options = tiny_configs()
+    backend, architecture, options, preprocess = tiny_configs()
     out = tmp_path_factory.mktemp("models") / "tiny"
-    return train(phantom_normal_dir, out, model, preprocess, options=options, device="cpu", log=lambda s: None)
+    return train(phantom_normal_dir, out, backend, architecture, options, preprocess, device="cpu", log=lambda s: None)
+
+
+@pytest.fixture(scope="session")
+def flagging_model(tiny_model, phantom_normal_dir, tmp_path_factory) -> Path:
+    """The tiny model recalibrated to flag 40% of normal slices: review tests need flags, not accuracy."""
+    from AnomalyFlagLib.training import recalibrate
+
+    out = tmp_path_factory.mktemp("models") / "flagging"
+    return recalibrate(tiny_model, phantom_normal_dir, out, target_rate=0.4, device="cpu", log=lambda s: None)

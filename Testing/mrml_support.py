@@ -199,7 +199,8 @@ def synthetic_result(geometry, heatmap, normalised=None, threshold=2.0, name="ca
         "position": np.round(relative_positions(z), 4),
         "reconstruction": recon,
         "feature": feat,
-        "combined": recon + feat,
+        "score": recon + feat,
+        "score_from": np.arange(n),
         "normalised": normalised,
         "flagged": (normalised > threshold) & in_roi,
         "in_roi": in_roi,
@@ -208,7 +209,7 @@ def synthetic_result(geometry, heatmap, normalised=None, threshold=2.0, name="ca
     return CaseResult(
         name=name,
         geometry=geometry,
-        slices=SliceTable(columns),
+        slices=SliceTable(columns, {name: f"synthetic {name}" for name in columns}),
         threshold=float(threshold),
         model_name="synthetic-model",
         model_fingerprint="0123456789abcdef",

@@ -27,14 +27,16 @@ def _write_meta(path, meta):
 def test_metadata_records_what_a_user_needs(tiny_model):
     meta = _meta(tiny_model)
     assert meta["format_version"] == FORMAT_VERSION
-    assert meta["architecture"]["image_size"] == 64
-    assert {"window_min", "window_max", "fov_mm"} <= set(meta["preprocessing"])
+    backend = meta["backend"]
+    assert set(meta[backend]) == {"architecture", "training_options"}
+    assert meta["preprocessing"]["image_size"] == 64
+    assert len(meta["preprocessing"]["windows"]) == 3 and meta["preprocessing"]["modality"] == "CT"
     assert meta["orientation"]
-    assert meta["kappa"] == meta["scoring"]["kappa"]
+    assert [c["name"] for c in meta["components"]] == ["reconstruction", "feature", "discriminative"]
     assert meta["threshold"] == meta["calibration"]["threshold"]
-    assert meta["training"]["cases"] == 3 and meta["training"]["calibration_slices"] >= 10
+    assert meta["training"]["cases"] == 3 and meta["training"]["calibration_slices"] >= 20
     assert {"anomalyflag", "torch", "monai", "simpleitk"} <= set(meta["versions"])
-    for name in ("generator", "encoder", "critic"):
+    for name in ("generator", "encoder", "critic", "segmenter", "map_statistics"):
         assert len(meta["weights"][name]["sha256"]) == 64
         assert (tiny_model / meta["weights"][name]["file"]).is_file()
 
@@ -43,8 +45,9 @@ def test_round_trip_keeps_weights_and_calibration(tiny_model, tmp_path):
     bundle = load_bundle(tiny_model)
     out = save_bundle(bundle, tmp_path / "again")
     again = load_bundle(out)
-    for name, net in bundle.detector.networks().items():
-        other = again.detector.networks()[name].state_dict()
+    nets = {**bundle.backend.networks(), "statistics": bundle.statistics}
+    for name, net in nets.items():
+        other = {**again.backend.networks(), "statistics": again.statistics}[name].state_dict()
         for key, value in net.state_dict().items():
             assert torch.equal(value, other[key]), f"{name}.{key} changed"
     assert again.calibration == bundle.calibration
@@ -106,9 +109,17 @@ def test_foreign_folder(tmp_path):
         load_bundle(tmp_path / "nowhere")
 
 
+def test_older_format_asks_for_retraining(bundle_copy):
+    meta = _meta(bundle_copy)
+    meta["format_version"] = 1
+    _write_meta(bundle_copy, meta)
+    with pytest.raises(BundleError, match="older version of AnomalyFlag .* Retrain it"):
+        load_bundle(bundle_copy)
+
+
 def test_weights_of_another_architecture(bundle_copy):
     meta = _meta(bundle_copy)
-    meta["architecture"]["latent_dim"] = 48
+    meta[meta["backend"]]["architecture"]["base_width"] = 12
     _write_meta(bundle_copy, meta)
     with pytest.raises(BundleError, match="does not fit the .* architecture"):
         load_bundle(bundle_copy)

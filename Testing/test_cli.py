@@ -69,7 +69,10 @@ def test_missing_model_and_missing_gpu_are_reported(tiny_model, phantom_anomalou
 def test_info_prints_verified_metadata(tiny_model, capsys):
     assert main(["info", "--model", str(tiny_model)]) == 0
     meta = json.loads(capsys.readouterr().out)
-    assert meta["architecture"]["image_size"] == 64
+    assert meta["preprocessing"]["image_size"] == 64
+    backend = meta["backend"]
+    assert backend == "restoration" and meta[backend]["architecture"]["base_width"] == 8
+    assert meta["calibration"]["threshold"] > 0
 
 
 def test_evaluate_writes_report(tiny_model, phantom_anomalous_dir, tmp_path, capsys):

@@ -6,7 +6,6 @@ import pytest
 import vtk
 from AnomalyFlagLib.errors import InputError
 from AnomalyFlagLib.orientation import AxialFrame
-from AnomalyFlagLib.scoring import SLICE_COLUMNS
 from mrml_support import (
     ORIGIN,
     anomalous_phantom,
@@ -113,11 +112,13 @@ def test_score_table_and_chart(mrml_scene, phantom_case):
     result = result.with_threshold(float(np.quantile(result.slices["normalised"], 0.7)))
     table = createScoreTable(result)
     assert table.GetNumberOfRows() == len(result.slices) == phantom_case["phantom"].image.shape[0]
-    assert [table.GetColumnName(i) for i in range(table.GetNumberOfColumns())] == list(SLICE_COLUMNS)
-    kinds = {name: _column(table, name)[0].GetClassName() for name in SLICE_COLUMNS}
+    names = result.slices.names
+    assert [table.GetColumnName(i) for i in range(table.GetNumberOfColumns())] == names
+    assert [table.GetColumnDescription(name) for name in names] == [result.slices.descriptions[n] for n in names]
+    kinds = {name: _column(table, name)[0].GetClassName() for name in names}
     assert kinds["index"] == "vtkIntArray" and kinds["flagged"] == "vtkBitArray" and kinds["in_roi"] == "vtkBitArray"
     assert kinds["normalised"] == "vtkDoubleArray"
-    for name in SLICE_COLUMNS:
+    for name in names:
         np.testing.assert_allclose(_column(table, name)[1], result.slices[name].astype(float), equal_nan=True)
     assert flaggedSlicesFromTable(table) == result.flagged_indices and result.flagged_indices
 

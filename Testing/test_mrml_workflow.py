@@ -9,7 +9,6 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 from AnomalyFlagLib.errors import BundleError, CancelledError, InputError
-from AnomalyFlagLib.scoring import SLICE_COLUMNS
 from mrml_support import (
     ORIGIN,
     anomalous_phantom,
@@ -254,8 +253,8 @@ def test_scene_save_and_reload_keeps_everything(mrml_scene, case, tiny_model, tm
 
         table = heat.GetNodeReference("AnomalyFlag.ScoreTable")
         assert table is not None and table.GetNumberOfRows() == len(result.slices)
-        assert [table.GetColumnName(i) for i in range(table.GetNumberOfColumns())] == list(SLICE_COLUMNS)
-        for name in SLICE_COLUMNS:
+        assert [table.GetColumnName(i) for i in range(table.GetNumberOfColumns())] == result.slices.names
+        for name in result.slices.names:
             np.testing.assert_allclose(_table_column(table, name), result.slices[name].astype(float), rtol=1e-5,
                                        equal_nan=True)  # fmt: skip
         assert flaggedSlicesFromTable(table) == result.flagged_indices
@@ -277,16 +276,16 @@ def test_scene_save_and_reload_keeps_everything(mrml_scene, case, tiny_model, tm
         close_scene(scene, logics)
 
 
-def test_score_folder_writes_the_cli_files_and_snapshots(mrml_scene, phantom_anomalous_dir, tiny_model, tmp_path):
+def test_score_folder_writes_the_cli_files_and_snapshots(mrml_scene, phantom_anomalous_dir, flagging_model, tmp_path):
     from AnomalyFlagLib.cli import main
     from AnomalyFlagMRML.workflow import scoreFolder
 
     cli_out, out = tmp_path / "cli", tmp_path / "mrml"
-    assert main(["score", "--model", str(tiny_model), "--input", str(phantom_anomalous_dir), "--output", str(cli_out),
-                 "--roi", str(phantom_anomalous_dir), "--device", "cpu"]) == 0  # fmt: skip
+    assert main(["score", "--model", str(flagging_model), "--input", str(phantom_anomalous_dir),
+                 "--output", str(cli_out), "--roi", str(phantom_anomalous_dir), "--device", "cpu"]) == 0  # fmt: skip
     before = node_count(mrml_scene)
     ticks = []
-    summaries = scoreFolder(tiny_model, phantom_anomalous_dir, out, device="cpu", roiFolder=phantom_anomalous_dir,
+    summaries = scoreFolder(flagging_model, phantom_anomalous_dir, out, device="cpu", roiFolder=phantom_anomalous_dir,
                             progress=lambda d, t: ticks.append((d, t)), snapshotSize=192)  # fmt: skip
     assert node_count(mrml_scene) == before  # cases were loaded only temporarily
     assert ticks[-1][0] == ticks[-1][1] and all(a[0] <= b[0] for a, b in zip(ticks, ticks[1:]))

@@ -53,7 +53,7 @@ def test_worklist_ranking_and_tie_breaks(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def scored(tiny_model, phantom_anomalous_dir, tmp_path_factory):
+def scored(flagging_model, phantom_anomalous_dir, tmp_path_factory):
     """Two anomalous and one normal phantom scored through `anomalyflag worklist`."""
     scans = tmp_path_factory.mktemp("scans")
     for f in phantom_anomalous_dir.iterdir():
@@ -62,7 +62,8 @@ def scored(tiny_model, phantom_anomalous_dir, tmp_path_factory):
 
     make_phantom_set(scans, num_cases=1, anomalous=False, seed=9, num_slices=24, size=64)
     out = tmp_path_factory.mktemp("outputs")
-    rc = main(["worklist", "--model", str(tiny_model), "--input", str(scans), "--output", str(out), "--device", "cpu"])
+    model = str(flagging_model)
+    rc = main(["worklist", "--model", model, "--input", str(scans), "--output", str(out), "--device", "cpu"])
     assert rc == 0
     return scans, out
 

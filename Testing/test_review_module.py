@@ -31,13 +31,14 @@ LIVER = f"Label_{ORGAN_LABELS['liver']}"  # segments imported from the organ lab
 
 
 @pytest.fixture(scope="module")
-def worklist_folder(tiny_model, phantom_anomalous_dir, tmp_path_factory):
+def worklist_folder(flagging_model, phantom_anomalous_dir, tmp_path_factory):
     """The anomalous phantoms (image, anomaly mask, organ label map) scored by `anomalyflag worklist`."""
     scans = tmp_path_factory.mktemp("review_scans")
     for f in phantom_anomalous_dir.iterdir():
         shutil.copy(f, scans / f.name)
     out = tmp_path_factory.mktemp("review_outputs")
-    rc = main(["worklist", "--model", str(tiny_model), "--input", str(scans), "--output", str(out), "--device", "cpu"])
+    model = str(flagging_model)
+    rc = main(["worklist", "--model", model, "--input", str(scans), "--output", str(out), "--device", "cpu"])
     assert rc == 0
     return scans, out
 

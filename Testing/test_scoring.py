@@ -6,8 +6,9 @@ import SimpleITK as sitk
 from AnomalyFlagLib.errors import CancelledError, DeviceError, InputError
 from AnomalyFlagLib.geometry import Geometry
 from AnomalyFlagLib.orientation import AxialFrame
-from AnomalyFlagLib.scoring import SLICE_COLUMNS, NrrdHeatmapSink, Scorer
+from AnomalyFlagLib.scoring import NrrdHeatmapSink, Scorer
 from AnomalyFlagLib.slice_source import ArraySource, NrrdStreamSource, open_source
+from AnomalyFlagLib.slice_table import slice_columns
 
 
 @pytest.fixture(scope="module")
@@ -34,7 +35,8 @@ def test_result_has_one_row_per_slice_and_heatmap_in_input_geometry(scorer, case
     image = oblique(case_image)
     result = scorer.score(image, name="case")
     assert len(result.slices) == image.GetSize()[2]
-    assert list(result.slices.columns) == list(SLICE_COLUMNS)
+    assert result.slices.names == list(slice_columns([c.name for c in scorer.bundle.components]))
+    assert set(result.summary()["columns"]) == set(result.slices.names)
     heat = result.heatmap_image()
     assert heat.GetSize() == image.GetSize()
     assert heat.GetSpacing() == image.GetSpacing()
@@ -121,7 +123,7 @@ def test_sagittal_storage_is_scored_along_the_axial_axis(scorer, case_image):
 def test_scores_do_not_depend_on_other_cases_or_batch_size(tiny_model, case_image):
     a = Scorer(tiny_model, device="cpu", batch_size=3).score(case_image)
     b = Scorer(tiny_model, device="cpu", batch_size=24).score(case_image)
-    np.testing.assert_allclose(a.slices["combined"], b.slices["combined"], rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(a.slices["score"], b.slices["score"], rtol=1e-4, atol=1e-6)
 
 
 def test_roi_restricts_flags_and_heatmap(scorer, case_image):

@@ -1,6 +1,7 @@
 """Training: repeatable, resumable after cancel, masks exclude slices, datalists; calibration maths."""
 
 import json
+import time
 
 import numpy as np
 import pytest
@@ -10,18 +11,21 @@ from AnomalyFlagLib.bundle import load_bundle
 from AnomalyFlagLib.calibration import calibrate
 from AnomalyFlagLib.datasets import discover_cases, load_slices
 from AnomalyFlagLib.errors import CancelledError, InputError
+from AnomalyFlagLib.phantom import make_phantom
 from AnomalyFlagLib.training import recalibrate, train
 from conftest import tiny_configs
 
 
 def _weights(path):
     bundle = load_bundle(path)
-    return {f"{n}.{k}": v for n, net in bundle.detector.networks().items() for k, v in net.state_dict().items()}
+    nets = {**bundle.backend.networks(), "statistics": bundle.statistics}
+    return {f"{n}.{k}": v for n, net in nets.items() for k, v in net.state_dict().items()}
 
 
 def _train(data, out, **kwargs):
-    model, preprocess, options = tiny_configs()
-    return train(data, out, model, preprocess, options=options, device="cpu", log=lambda s: None, **kwargs)
+    backend, architecture, options, preprocess = tiny_configs()
+    kwargs.setdefault("log", lambda s: None)
+    return train(data, out, backend, architecture, options, preprocess, device="cpu", **kwargs)
 
 
 def test_training_is_repeatable_with_a_seed(phantom_normal_dir, tiny_model, tmp_path):
@@ -41,31 +45,53 @@ def test_cancelled_training_resumes_to_the_same_model(phantom_normal_dir, tiny_m
     def progress(stage, step, total, info):
         steps.append((stage, step))
 
-    model, preprocess, options = tiny_configs()
-    options.checkpoint_every = 5
     with pytest.raises(CancelledError, match="resume"):
-        train(phantom_normal_dir, out, model, preprocess, options=options, device="cpu", log=lambda s: None,
-              progress=progress, cancel=lambda: len(steps) >= 13)  # fmt: skip
+        _train(phantom_normal_dir, out, checkpoint_every=5, progress=progress, cancel=lambda: len(steps) >= 13)
     assert not out.exists(), "no bundle may appear for a cancelled run"
     assert (tmp_path / "resumed.partial" / "checkpoint.pt").is_file()
-    train(phantom_normal_dir, out, model, preprocess, options=options, device="cpu", log=lambda s: None, resume=True)
+    _train(phantom_normal_dir, out, checkpoint_every=5, resume=True)
     a, b = _weights(tiny_model), _weights(out)
     assert all(torch.equal(a[k], b[k]) for k in a), "resumed training must match an uninterrupted run"
     assert not (tmp_path / "resumed.partial").exists()
 
 
 def test_resume_refuses_a_checkpoint_from_other_settings(phantom_normal_dir, tmp_path):
-    model, preprocess, options = tiny_configs()
-    options.checkpoint_every = 5
     steps = []
     with pytest.raises(CancelledError):
-        train(phantom_normal_dir, tmp_path / "m", model, preprocess, options=options, device="cpu",
-              log=lambda s: None, progress=lambda *a: steps.append(a), cancel=lambda: len(steps) > 3)  # fmt: skip
+        _train(phantom_normal_dir, tmp_path / "m", checkpoint_every=5, progress=lambda *a: steps.append(a),
+               cancel=lambda: len(steps) > 3)  # fmt: skip
     assert (tmp_path / "m.partial" / "checkpoint.pt").is_file()
-    options.seed = 99
     with pytest.raises(InputError, match="other settings"):
-        train(phantom_normal_dir, tmp_path / "m", model, preprocess, options=options, device="cpu",
-              log=lambda s: None, resume=True)  # fmt: skip
+        _train(phantom_normal_dir, tmp_path / "m", seed=99, resume=True)
+
+
+def test_time_budget_ends_training_and_still_calibrates(phantom_normal_dir, tmp_path):
+    backend, architecture, options, preprocess = tiny_configs()
+    options.iterations = 10**6
+    started = time.monotonic()
+    out = train(phantom_normal_dir, tmp_path / "budget", backend, architecture, options, preprocess,
+                max_minutes=0.3, device="cpu", log=lambda s: None)  # fmt: skip
+    elapsed = time.monotonic() - started
+    meta = json.loads((out / "metadata.json").read_text())
+    steps = meta["training"]["steps"][backend]
+    assert 0 < steps < options.iterations, "the budget, not the iteration count, ended training"
+    assert elapsed < 0.3 * 60 + 20, f"a 18 s budget took {elapsed:.0f} s"
+    assert meta["calibration"]["threshold"] is not None and meta["training"]["max_minutes"] == 0.3
+    # The recorded steps replay the run without a budget.
+    options.iterations = steps
+    again = train(phantom_normal_dir, tmp_path / "replay", backend, architecture, options, preprocess,
+                  device="cpu", log=lambda s: None)  # fmt: skip
+    assert json.loads((again / "metadata.json").read_text())["training"]["steps"][backend] == steps
+
+
+def test_training_from_a_single_patient_warns_and_calibrates_on_its_own_slices(tmp_path):
+    make_phantom(num_slices=48, size=64, seed=3).save(tmp_path / "one", "patient")
+    logs = []
+    out = _train(tmp_path / "one", tmp_path / "model", log=logs.append)
+    assert any("too few to hold one out" in line for line in logs)
+    meta = json.loads((out / "metadata.json").read_text())
+    assert meta["training"]["calibration_slices"] == 24 and meta["training"]["training_slices"] == 24
+    assert "slice-level split" in meta["training"]["calibration_cases"]
 
 
 def test_masked_slices_are_excluded(phantom_normal_dir, tmp_path):
@@ -78,11 +104,13 @@ def test_masked_slices_are_excluded(phantom_normal_dir, tmp_path):
     sitk.WriteImage(mask, str(tmp_path / "ct_label.nrrd"))
     cases = discover_cases(tmp_path)
     assert len(cases) == 1 and cases[0].mask == tmp_path / "ct_label.nrrd"
-    model, preprocess, _ = tiny_configs()
-    slices = load_slices(cases, preprocess, model.image_size)
+    preprocess = tiny_configs()[3]
+    slices = load_slices(cases, preprocess)
     assert len(slices) == image.GetSize()[2] - 2 and slices.excluded_slices == 2
     assert slices.images.shape[1:] == (1, 64, 64) and slices.images.dtype == torch.float16
-    assert float(slices.images.min()) >= -1 and float(slices.images.max()) <= 1
+    hu = sitk.GetArrayFromImage(image)  # slices keep Hounsfield units (windows are applied by the networks)
+    assert float(slices.images.min()) >= hu.min() - 1 and float(slices.images.max()) <= hu.max() + 1
+    assert float(slices.images.max()) > 300
 
 
 def test_datalist_input(phantom_normal_dir, tmp_path):
@@ -111,9 +139,9 @@ def test_calibration_flags_the_target_share_of_fresh_normal_slices():
     rng = np.random.default_rng(0)
     positions = rng.uniform(0, 1, 4000)
     centre = 1.0 + 0.5 * positions  # scores drift along the body, as they do in CT
-    combined = centre + rng.normal(0, 0.1, positions.size)
+    scores = centre + rng.normal(0, 0.1, positions.size)
     residuals = rng.exponential(0.05, 100_000)
-    cal = calibrate(combined, positions, residuals, num_cases=20, position_bins=5, target_false_flag_rate=0.05)
+    cal = calibrate(scores, positions, residuals, num_cases=20, position_bins=5, target_false_flag_rate=0.05)
     assert len(cal.medians) == 5 and cal.medians[0] < cal.medians[-1]
     fresh_pos = rng.uniform(0, 1, 20000)
     fresh = 1.0 + 0.5 * fresh_pos + rng.normal(0, 0.1, fresh_pos.size)
@@ -129,3 +157,30 @@ def test_calibration_refuses_too_little_or_broken_data():
         calibrate(np.ones(5), np.zeros(5), np.ones(5), num_cases=1)
     with pytest.raises(InputError, match="NaN"):
         calibrate(np.r_[np.ones(20), np.nan], np.zeros(21), np.ones(5), num_cases=1)
+
+
+def test_mri_model_is_invariant_to_the_scanner_intensity_scale(phantom_normal_dir, phantom_anomalous_dir, tmp_path):
+    from AnomalyFlagLib.config import PreprocessConfig
+    from AnomalyFlagLib.scoring import Scorer
+
+    def as_mri(path, out, gain):  # an MR-like volume: arbitrary positive units
+        image = sitk.ReadImage(str(path))
+        array = (np.clip(sitk.GetArrayFromImage(image).astype(np.float32) + 1024, 0, None) * gain).astype(np.float32)
+        mri = sitk.GetImageFromArray(array)
+        mri.CopyInformation(image)
+        sitk.WriteImage(mri, str(out))
+        return out
+
+    (tmp_path / "mri").mkdir()
+    for i in range(3):
+        as_mri(phantom_normal_dir / f"normal_00{i}.nrrd", tmp_path / "mri" / f"normal_00{i}.nrrd", 0.5)
+    backend, architecture, options, _ = tiny_configs()
+    preprocess = PreprocessConfig.for_modality("MR", image_size=64, fov_mm=None)
+    model = train(tmp_path / "mri", tmp_path / "model", backend, architecture, options, preprocess, device="cpu",
+                  log=lambda s: None)  # fmt: skip
+    assert json.loads((model / "metadata.json").read_text())["preprocessing"]["modality"] == "MR"
+    scorer = Scorer(model, device="cpu")
+    case = phantom_anomalous_dir / "anomalous_000.nrrd"
+    a = scorer.score(as_mri(case, tmp_path / "a.nrrd", 0.5))
+    b = scorer.score(as_mri(case, tmp_path / "b.nrrd", 3.0))  # another scanner's scale
+    np.testing.assert_allclose(a.slices["normalised"], b.slices["normalised"], rtol=1e-3, atol=1e-3)

@@ -1,4 +1,4 @@
-"""AnomalyFlagLib: slice-level anomaly detection for CT/MRI (f-AnoGAN style), independent of Slicer.
+"""AnomalyFlagLib: slice-level anomaly detection for CT/MRI (GAN detectors), independent of Slicer.
 
 Importing this package never imports slicer, vtk or qt; heavy modules (torch, MONAI) are imported by the
 submodules that need them.

@@ -1,9 +1,9 @@
 """Calibration on held-out NORMAL slices only: robust per-position statistics and thresholds.
 
-normalised = (combined - median_bin) / (1.4826 * MAD_bin), bins over the relative slice position;
+normalised = (score - median_bin) / (1.4826 * MAD_bin), bins over the relative slice position;
 the slice threshold is the normalised-score quantile that flags `target_false_flag_rate` of normal
-slices, and the pixel threshold the residual quantile that marks `pixel_false_positive_rate` of normal
-body pixels. Nothing here ever looks at anomalous data or rescales by a test set's range.
+slices, and the pixel threshold the anomaly-map quantile that marks `pixel_false_positive_rate` of
+normal body pixels. Nothing here ever looks at anomalous data or rescales by a test set's range.
 """
 
 from dataclasses import asdict, dataclass
@@ -30,11 +30,11 @@ class Calibration:
     num_cases: int
     observed_false_flag_rate: float
 
-    def normalise(self, combined: np.ndarray, positions: np.ndarray) -> np.ndarray:
-        """Normalised scores for combined scores at relative positions in [0, 1]."""
+    def normalise(self, scores: np.ndarray, positions: np.ndarray) -> np.ndarray:
+        """Normalised scores for slice scores at relative positions in [0, 1]."""
         edges = np.asarray(self.bin_edges)
         bins = np.clip(np.searchsorted(edges, positions, side="right") - 1, 0, len(self.medians) - 1)
-        return (np.asarray(combined) - np.asarray(self.medians)[bins]) / np.asarray(self.scales)[bins]
+        return (np.asarray(scores) - np.asarray(self.medians)[bins]) / np.asarray(self.scales)[bins]
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -54,32 +54,32 @@ def _robust(values: np.ndarray):
 
 
 def calibrate(
-    combined: np.ndarray,
+    scores: np.ndarray,
     positions: np.ndarray,
-    residual_quantile_source: np.ndarray,
+    pixel_values: np.ndarray,
     num_cases: int,
     position_bins: int = 5,
     target_false_flag_rate: float = 0.05,
     pixel_false_positive_rate: float = 0.005,
 ) -> Calibration:
-    """Calibrate from normal slices' combined scores, positions and a sample of normal body residuals."""
-    combined = np.asarray(combined, dtype=float)
+    """Calibrate from normal slices' scores, positions and a sample of their anomaly-map body pixels."""
+    scores = np.asarray(scores, dtype=float)
     positions = np.asarray(positions, dtype=float)
-    if combined.size < 10:
-        raise InputError(f"calibration needs at least 10 normal slices, got {combined.size}.")
-    if not np.isfinite(combined).all():
+    if scores.size < 10:
+        raise InputError(f"calibration needs at least 10 normal slices, got {scores.size}.")
+    if not np.isfinite(scores).all():
         raise InputError("calibration scores contain NaN or infinite values.")
     if not 0 < target_false_flag_rate < 0.5:
         raise InputError(f"target false-flag rate must be between 0 and 0.5, not {target_false_flag_rate}.")
     # Merge position bins until each holds enough slices for a stable median and MAD.
-    bins = max(1, min(position_bins, combined.size // MIN_SLICES_PER_BIN))
+    bins = max(1, min(position_bins, scores.size // MIN_SLICES_PER_BIN))
     edges = np.linspace(0.0, 1.0, bins + 1)
-    global_median, global_scale = _robust(combined)
+    global_median, global_scale = _robust(scores)
     global_scale = max(global_scale, 1e-6 * max(1.0, abs(global_median)), 1e-12)
     medians, scales = [], []
     for b in range(bins):
         upper = positions <= edges[b + 1] if b == bins - 1 else positions < edges[b + 1]
-        members = combined[(positions >= edges[b]) & upper]
+        members = scores[(positions >= edges[b]) & upper]
         if members.size >= MIN_SLICES_PER_BIN:
             median, scale = _robust(members)
             scale = max(scale, 0.25 * global_scale)  # a near-constant bin must not blow scores up
@@ -95,15 +95,15 @@ def calibrate(
         pixel_threshold=0.0,
         target_false_flag_rate=float(target_false_flag_rate),
         pixel_false_positive_rate=float(pixel_false_positive_rate),
-        num_slices=int(combined.size),
+        num_slices=int(scores.size),
         num_cases=int(num_cases),
         observed_false_flag_rate=0.0,
     )
-    normalised = cal.normalise(combined, positions)
+    normalised = cal.normalise(scores, positions)
     cal.threshold = float(np.quantile(normalised, 1.0 - target_false_flag_rate, method="higher"))
     cal.observed_false_flag_rate = float(np.mean(normalised > cal.threshold))
-    residuals = np.asarray(residual_quantile_source, dtype=float)
-    if residuals.size == 0:
+    pixels = np.asarray(pixel_values, dtype=float)
+    if pixels.size == 0:
         raise InputError("calibration needs body pixels of normal slices; none were found.")
-    cal.pixel_threshold = float(max(np.quantile(residuals, 1.0 - pixel_false_positive_rate), 1e-6))
+    cal.pixel_threshold = float(max(np.quantile(pixels, 1.0 - pixel_false_positive_rate), 1e-6))
     return cal

@@ -24,7 +24,17 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"anomalyflag {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("train", help="train a detector on NORMAL volumes and calibrate it")
+    from .cli_options import backends_help
+    from .detectors import BACKENDS, DEFAULT_BACKEND
+
+    p = sub.add_parser(
+        "train",
+        help="train a detector on NORMAL volumes and calibrate it",
+        description="Train a detector backend on normal volumes only and calibrate it on held-out normal "
+        "slices. Options of each backend follow the general ones; give only those of the chosen backend.",
+        epilog=backends_help(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument(
         "--input",
         required=True,
@@ -32,29 +42,27 @@ def _parser() -> argparse.ArgumentParser:
         "folders) or a MONAI-style datalist JSON; *_label/_mask volumes exclude their slices",
     )
     p.add_argument("--output", required=True, help="model bundle folder to write")
-    p.add_argument("--image-size", type=int, default=128, help="network input size, a power of two 64-512")
-    p.add_argument("--latent-dim", type=int, default=128)
-    p.add_argument("--base-width", type=int, default=16)
-    p.add_argument("--max-width", type=int, default=128)
-    p.add_argument("--no-position", action="store_true", help="do not condition on slice position")
+    p.add_argument("--backend", default=DEFAULT_BACKEND, choices=sorted(BACKENDS), help="detector backend")
+    p.add_argument("--modality", default="CT", type=str.upper, choices=("CT", "MR"))
     p.add_argument(
         "--window",
         type=float,
         nargs=2,
-        default=(-1000.0, 1000.0),
-        metavar=("MIN", "MAX"),
-        help="intensity window (HU for CT)",
+        action="append",
+        metavar=("LOW", "HIGH"),
+        help="an intensity window, one input channel each; repeat for several (default for CT: -160 240, "
+        "-1000 1000 and 1000 3000 HU; for MR the volume's 1st-99th percentile range, as 0 1)",
     )
-    p.add_argument("--fov-mm", type=float, default=400.0, help="in-plane field of view; 0 uses the whole slice")
-    p.add_argument("--kappa", type=float, default=1.0, help="weight of the feature score")
-    p.add_argument("--gan-iterations", type=int, default=2000)
-    p.add_argument("--encoder-iterations", type=int, default=1000)
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--critic-steps", type=int, default=5)
-    p.add_argument("--learning-rate", type=float, default=1e-4)
-    p.add_argument("--no-augment", action="store_true")
+    p.add_argument("--image-size", type=int, default=192, help="network input size, a multiple of 16 (32-512)")
+    p.add_argument("--fov-mm", type=float, default=384.0, help="in-plane field of view; 0 uses the whole slice")
+    p.add_argument(
+        "--no-body-centring", action="store_true", help="centre the field of view on the slice, not the body"
+    )
     p.add_argument("--validation-fraction", type=float, default=0.2, help="share of cases held out for calibration")
     p.add_argument("--false-flag-rate", type=float, default=0.05, help="target share of normal slices flagged")
+    p.add_argument(
+        "--max-minutes", type=float, help="train all stages within about this many minutes, calibration included"
+    )
     p.add_argument("--checkpoint-every", type=int, default=200)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--resume", action="store_true", help="continue from the checkpoint in OUTPUT.partial")
@@ -96,30 +104,38 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _cmd_train(a):
-    from .config import ModelConfig, PreprocessConfig, ScoreConfig
-    from .detector import TrainingOptions
+    from .cli_options import parse_backend_options
+    from .config import PreprocessConfig, ScoreConfig
+    from .detectors import BACKENDS
     from .progress import ProgressBar
     from .training import train
 
+    architecture, options = parse_backend_options(a.backend, a.backend_args)
+    labels = {s.name: s.label for s in BACKENDS[a.backend].stages(options)}
     bars = {}
 
     def progress(stage, step, total, info):
-        label = {"gan": "stage 1 WGAN-GP", "encoder": "stage 2 encoder"}.get(stage, stage)
-        bars.setdefault(stage, ProgressBar(label))(step, total, info)
+        bars.setdefault(stage, ProgressBar(labels.get(stage, stage)))(step, total, info)
 
+    preprocess = PreprocessConfig.for_modality(
+        a.modality, a.window, image_size=a.image_size, fov_mm=a.fov_mm or None, centre_on_body=not a.no_body_centring
+    )
     out = train(
         a.input,
         a.output,
-        ModelConfig(a.image_size, a.latent_dim, a.base_width, a.max_width, not a.no_position),
-        PreprocessConfig(window_min=a.window[0], window_max=a.window[1], fov_mm=a.fov_mm or None),
-        ScoreConfig(kappa=a.kappa, target_false_flag_rate=a.false_flag_rate),
-        TrainingOptions(a.batch_size, a.gan_iterations, a.encoder_iterations, a.critic_steps, 10.0,
-                        a.learning_rate, not a.no_augment, a.checkpoint_every, a.seed),
+        a.backend,
+        architecture,
+        options,
+        preprocess,
+        ScoreConfig(target_false_flag_rate=a.false_flag_rate),
         validation_fraction=a.validation_fraction,
+        seed=a.seed,
+        max_minutes=a.max_minutes,
+        checkpoint_every=a.checkpoint_every,
         resume=a.resume,
         device=a.device,
         progress=progress,
-    )  # fmt: skip
+    )
     print(f"Model bundle written to {out}")
 
 
@@ -174,7 +190,7 @@ def _score_cases(a, cases, out_dir, progress_label="score"):
 def _write_montage(scorer, case, result, out_dir, roi, labels):
     import SimpleITK as sitk
 
-    from .montage import write_flagged_montage
+    from .montage import display_window, write_flagged_montage
     from .outputs import case_paths
     from .roi import roi_on_image_grid
     from .volume_io import read_image
@@ -184,7 +200,7 @@ def _write_montage(scorer, case, result, out_dir, roi, labels):
     mask = roi_on_image_grid(roi, result.geometry, labels) if roi is not None else None
     pre = scorer.bundle.preprocess
     path = write_flagged_montage(Path(out_dir) / f"{case.name}_flagged.png", image, heat, result, mask,
-                                 window=(pre.window_min, pre.window_max))  # fmt: skip
+                                 window=display_window(pre, image))  # fmt: skip
     print(f"{case.name}: montage of the top flagged slices in {path}")
 
 
@@ -292,7 +308,12 @@ COMMANDS = {
 
 
 def main(argv=None) -> int:
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args, extra = parser.parse_known_args(argv)
+    if args.command == "train":
+        args.backend_args = extra
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
         COMMANDS[args.command](args)

@@ -16,7 +16,7 @@ import torch
 from .config import PreprocessConfig
 from .errors import CancelledError, InputError
 from .orientation import relative_positions, slice_positions_mm
-from .preprocessing import SlicePreprocessor
+from .preprocessing import SlicePreprocessor, volume_reference
 from .roi import roi_on_image_grid
 from .slice_source import open_source
 from .volume_io import case_name, find_cases
@@ -34,11 +34,13 @@ class Case:
 
 @dataclass
 class SliceSet:
-    """Preprocessed slices (float16, (N, 1, S, S)) with their relative positions and case of origin."""
+    """Preprocessed slices (raw intensities as float16, (N, 1, S, S)) with their relative positions and case
+    of origin."""
 
     images: torch.Tensor
     positions: torch.Tensor
     case_index: torch.Tensor
+    slice_index: torch.Tensor  # index of the slice in its volume (neighbours differ by 1)
     case_names: List[str]
     excluded_slices: int = 0
 
@@ -47,7 +49,8 @@ class SliceSet:
 
     def select(self, keep: torch.Tensor) -> "SliceSet":
         """The slices where the boolean mask `keep` is True."""
-        return SliceSet(self.images[keep], self.positions[keep], self.case_index[keep], self.case_names)
+        return SliceSet(self.images[keep], self.positions[keep], self.case_index[keep], self.slice_index[keep],
+                        self.case_names)  # fmt: skip
 
     def subset(self, cases: List[int]) -> "SliceSet":
         """The slices of the given cases."""
@@ -115,14 +118,13 @@ def _datalist_cases(path: Path) -> List[Case]:
 def load_slices(
     cases: List[Case],
     preprocess: PreprocessConfig,
-    image_size: int,
     batch: int = 32,
     progress: Optional[Callable[[int, int], None]] = None,
     cancel: Optional[Callable[[], bool]] = None,
 ) -> SliceSet:
-    """Read every case slab by slab into model-ready slices, skipping masked slices."""
-    pre = SlicePreprocessor(preprocess, image_size)
-    images, positions, owners, excluded = [], [], [], 0
+    """Read every case slab by slab into model-ready slices (raw intensities), skipping masked slices."""
+    pre = SlicePreprocessor(preprocess)
+    images, positions, owners, indices, excluded = [], [], [], [], 0
     for ci, case in enumerate(cases):
         if cancel is not None and cancel():
             raise CancelledError("loading of the training data was cancelled.")
@@ -134,15 +136,17 @@ def load_slices(
                 keep = ~source.frame.view(mask).any(axis=(1, 2))
             pos = relative_positions(slice_positions_mm(source.geometry, source.frame))
             frame = source.frame
+            reference = volume_reference(source, preprocess)
             for k0 in range(0, source.num_slices, batch):
                 k1 = min(source.num_slices, k0 + batch)
                 slab = source.read(k0, k1)
                 sel = keep[k0:k1]
                 if sel.any():
-                    x = pre.to_model(slab[sel], frame.row_spacing, frame.column_spacing)
+                    x, _ = pre.to_model(slab[sel], frame.row_spacing, frame.column_spacing, reference)
                     images.append(x.half())
                     positions.append(torch.as_tensor(pos[k0:k1][sel], dtype=torch.float32))
                     owners.append(torch.full((int(sel.sum()),), ci, dtype=torch.long))
+                    indices.append(torch.arange(k0, k1)[torch.from_numpy(sel)])
             source.check_not_constant()
             excluded += int((~keep).sum())
         finally:
@@ -151,7 +155,8 @@ def load_slices(
             progress(ci + 1, len(cases))
     if not images:
         raise InputError("no usable slices: every slice of every training volume is masked out.")
-    return SliceSet(torch.cat(images), torch.cat(positions), torch.cat(owners), [c.name for c in cases], excluded)
+    return SliceSet(torch.cat(images), torch.cat(positions), torch.cat(owners), torch.cat(indices),
+                    [c.name for c in cases], excluded)  # fmt: skip
 
 
 def split_cases(num_cases: int, validation_fraction: float, seed: int):
@@ -164,8 +169,10 @@ def split_cases(num_cases: int, validation_fraction: float, seed: int):
     return sorted(order[n_val:].tolist()), sorted(order[:n_val].tolist())
 
 
-def split_slices(slices: SliceSet, every: int = 4):
-    """Slice-level split when no case can be held out: every `every`-th block of 4 slices to validation."""
+def split_slices(slices: SliceSet, min_held_out: int = 20):
+    """Slice-level split when no case can be held out: every 4th block of 4 slices to validation, or every
+    2nd when that would hold out fewer than `min_held_out` slices."""
+    every = 4 if len(slices) >= 4 * min_held_out else 2
     idx = torch.arange(len(slices))
     val = (idx // 4) % every == every - 1
     return slices.select(~val), slices.select(val)

@@ -16,15 +16,19 @@ from .datasets import discover_cases
 from .errors import InputError
 from .evaluation import PixelAccumulator, slice_metrics, write_report_json, write_report_png
 from .outputs import write_case_files
-from .preprocessing import body_mask
+from .preprocessing import body_mask, volume_reference
 from .roi import roi_on_image_grid
 from .scoring import HEATMAP_SCALE, Scorer
 from .slice_source import open_source
 from .volume_io import read_image
 
 
-def _body(array: np.ndarray, threshold: float) -> np.ndarray:
-    return body_mask(torch.from_numpy(np.array(array, dtype=np.float32))[:, None], threshold)[:, 0].numpy()
+def _body(array: np.ndarray, threshold: float, reference=None) -> np.ndarray:
+    """Body voxels of a (slice, row, column) volume, in model units (MRI: the volume's percentile range)."""
+    x = torch.from_numpy(np.array(array, dtype=np.float32))
+    if reference is not None:
+        x = (x - reference[0]) / max(reference[1] - reference[0], 1e-6)
+    return body_mask(x[:, None], threshold)[:, 0].numpy()
 
 
 def evaluate_folder(model, input_path, output, device: str = "auto", batch_size: Optional[int] = None) -> dict:
@@ -48,7 +52,8 @@ def evaluate_folder(model, input_path, output, device: str = "auto", batch_size:
                                                     allow_empty=True))  # fmt: skip
         heat = source.frame.view(result.heatmap).astype(np.float32) * HEATMAP_SCALE
         volume = source.frame.view(sitk.GetArrayViewFromImage(image))
-        pixels.add(heat, truth, roi=_body(volume, body_hu))
+        reference = volume_reference(source, scorer.bundle.preprocess)
+        pixels.add(heat, truth, roi=_body(volume, body_hu, reference))
         slice_truth = truth.any(axis=(1, 2))
         normalised = result.slices["normalised"]
         scores.append(normalised)

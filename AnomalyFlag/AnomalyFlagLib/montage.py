@@ -21,6 +21,15 @@ def heatmap_colormap():
     )
 
 
+def display_window(preprocess, image: np.ndarray):
+    """(low, high) grey levels to show a slice with: the model's first window for CT (soft tissue by
+    default), the volume's percentile range for MRI."""
+    if preprocess.modality == "CT":
+        return tuple(preprocess.windows[0])
+    lo, hi = np.percentile(image[:: max(1, image.shape[0] // 16)], preprocess.mr_percentiles)
+    return float(lo), float(hi)
+
+
 def write_flagged_montage(
     path,
     image: np.ndarray,

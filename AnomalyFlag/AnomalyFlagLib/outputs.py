@@ -10,7 +10,7 @@ import math
 from pathlib import Path
 
 from .atomic_files import write_text_atomic
-from .scoring import HEATMAP_SCALE, SLICE_COLUMNS, CaseResult
+from .scoring import HEATMAP_SCALE, CaseResult
 
 
 def _clean(value):
@@ -39,10 +39,11 @@ def case_paths(out_dir, case: str) -> dict:
 def slices_csv(result: CaseResult) -> str:
     buf = io.StringIO()
     writer = csv.writer(buf)
-    writer.writerow(SLICE_COLUMNS)
+    names = result.slices.names
+    writer.writerow(names)
     for row in result.slices.rows():
         out = []
-        for c in SLICE_COLUMNS:
+        for c in names:
             v = row[c]
             if isinstance(v, bool):
                 out.append(int(v))
@@ -57,7 +58,7 @@ def slices_csv(result: CaseResult) -> str:
 def heatmap_key_values(result_or_model: str, threshold: float) -> dict:
     return {
         "anomalyflag_scale": repr(HEATMAP_SCALE),
-        "anomalyflag_units": "residual/pixel_threshold",
+        "anomalyflag_units": "anomaly_map/pixel_threshold",
         "anomalyflag_model": result_or_model,
         "anomalyflag_threshold": repr(threshold),
     }

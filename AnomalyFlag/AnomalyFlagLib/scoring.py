@@ -18,38 +18,19 @@ from .bundle import Bundle, load_bundle
 from .devices import autocast_for, default_batch_size, select_device
 from .errors import CancelledError, InputError
 from .geometry import Geometry
+from .maps import neighbour_max
 from .nrrd_stream import NrrdSlabWriter
 from .orientation import AxialFrame, relative_positions, slice_positions_mm
-from .preprocessing import SlicePreprocessor
+from .preprocessing import SlicePreprocessor, volume_reference
 from .roi import RoiSlabs, roi_on_image_grid
 from .slice_source import SliceSource, open_source
+from .slice_table import COLUMN_DESCRIPTIONS, SliceTable, slice_columns
 
 HEATMAP_SCALE = 0.02
-"""Anomaly index per heatmap step: stored value * HEATMAP_SCALE = residual / calibrated pixel threshold,
-so 1.0 (stored 50) is the pixel threshold and 255 stands for 5.1 or more."""
-
-SLICE_COLUMNS = (
-    "index", "z_mm", "position", "reconstruction", "feature", "combined",
-    "normalised", "flagged", "in_roi", "anomaly_fraction",
-)  # fmt: skip
+"""Anomaly index per heatmap step: stored value * HEATMAP_SCALE = anomaly map / calibrated pixel
+threshold, so 1.0 (stored 50) is the pixel threshold and 255 stands for 5.1 or more."""
 
 ProgressFn = Callable[[int, int], None]
-
-
-@dataclass
-class SliceTable:
-    """One row per slice, in slice order (see SLICE_COLUMNS)."""
-
-    columns: Dict[str, np.ndarray]
-
-    def __len__(self) -> int:
-        return len(self.columns["index"])
-
-    def __getitem__(self, name: str) -> np.ndarray:
-        return self.columns[name]
-
-    def rows(self) -> List[dict]:
-        return [{c: self.columns[c][i].item() for c in SLICE_COLUMNS} for i in range(len(self))]
 
 
 @dataclass
@@ -72,7 +53,8 @@ class CaseResult:
         """The same result flagged at another normalised-score threshold (a user override)."""
         columns = dict(self.slices.columns)
         columns["flagged"] = (columns["normalised"] > threshold) & columns["in_roi"]
-        return dataclasses.replace(self, slices=SliceTable(columns), threshold=float(threshold))
+        table = SliceTable(columns, self.slices.descriptions)
+        return dataclasses.replace(self, slices=table, threshold=float(threshold))
 
     @property
     def flagged_indices(self) -> List[int]:
@@ -99,7 +81,8 @@ class CaseResult:
             "max_normalised_score": float(np.max(normalised)),
             "geometry": self.geometry.to_dict(),
             "heatmap_scale": self.heatmap_scale,
-            "heatmap_units": "residual / calibrated pixel threshold (1.0 = pixel threshold)",
+            "heatmap_units": "anomaly map / calibrated pixel threshold (1.0 = pixel threshold)",
+            "columns": self.slices.descriptions,
             "slice_axis": "voxel axis closest to superior-inferior; index is the voxel index along it",
             "roi": self.roi,
             "device": self.device,
@@ -158,11 +141,17 @@ class Scorer:
         self.bundle.to(self.device)
         self.bundle.threshold  # noqa: B018 - raises the "not calibrated" error early
         self.calibration = self.bundle.calibration
-        size = self.bundle.model_config.image_size
+        size = self.bundle.preprocess.image_size
         if batch_size is not None and batch_size < 1:
             raise InputError(f"batch size must be at least 1, not {batch_size}.")
         self.batch_size = batch_size or default_batch_size(self.device, size)
-        self.pre = SlicePreprocessor(self.bundle.preprocess, size)
+        self.pre = SlicePreprocessor(self.bundle.preprocess)
+        self.map_scorer = self.bundle.map_scorer()
+        names = [c.name for c in self.bundle.components]
+        self.columns = slice_columns(names)
+        self.descriptions = {**COLUMN_DESCRIPTIONS, **{c.name: c.description for c in self.bundle.components}}
+        area = self.bundle.scoring.score_area_mm2
+        self.descriptions["score"] = f"mean of the most anomalous {area:g} mm2 of the normalised anomaly map"
 
     def score(
         self,
@@ -209,8 +198,10 @@ class Scorer:
             mask = roi_on_image_grid(roi, geometry, roi_labels)
             roi_slabs = RoiSlabs(mask, geometry, roi_margin_mm)
         cal = self.calibration
-        det = self.bundle.detector
-        recon, feat, frac, in_roi = np.zeros(n), np.zeros(n), np.zeros(n), np.zeros(n, dtype=bool)
+        names = [c.name for c in self.bundle.components]
+        values = {name: np.zeros(n) for name in names + ["score"]}
+        frac, in_roi = np.zeros(n), np.zeros(n, dtype=bool)
+        reference = volume_reference(source, self.bundle.preprocess)
         compute_s = 0.0
         for k0 in range(0, n, self.batch_size):
             if cancel is not None and cancel():
@@ -218,15 +209,17 @@ class Scorer:
             k1 = min(n, k0 + self.batch_size)
             slab = source.read(k0, k1)
             t0 = time.perf_counter()
-            x = self.pre.to_model(slab, frame.row_spacing, frame.column_spacing).to(self.device)
+            x, placement = self.pre.to_model(slab, frame.row_spacing, frame.column_spacing, reference)
+            x = x.to(self.device)
             body = self.pre.body_mask(x)
             pos = torch.as_tensor(positions[k0:k1], dtype=torch.float32, device=self.device)
-            with autocast_for(self.device):
-                scores = det.score_batch(x, pos, body)
-            recon[k0:k1] = scores.reconstruction.cpu().numpy()
-            feat[k0:k1] = scores.feature.cpu().numpy()
-            maps = torch.cat([scores.residual / cal.pixel_threshold, body[:, 0].float()]).cpu()
-            grid = self.pre.to_slice_grid(maps, source.rows, source.columns, frame.row_spacing, frame.column_spacing)
+            with torch.no_grad(), autocast_for(self.device):
+                scores = self.map_scorer(self.bundle.backend.maps(x, pos, body), pos, body)
+            values["score"][k0:k1] = scores.score.float().cpu().numpy()
+            for name in names:
+                values[name][k0:k1] = scores.components[name].float().cpu().numpy()
+            maps = torch.cat([scores.pixel_map.float() / cal.pixel_threshold, body[:, 0].float()]).cpu()
+            grid = self.pre.to_slice_grid(maps, placement, source.rows, source.columns)
             index, region = grid[: k1 - k0], grid[k1 - k0 :] > 0.5
             if roi_slabs is not None:
                 region = roi_slabs.slab(k0, k1)
@@ -242,24 +235,16 @@ class Scorer:
             if progress is not None:
                 progress(k1, n)
         source.check_not_constant()
-        combined = recon + self.bundle.scoring.kappa * feat
-        normalised = cal.normalise(combined, positions)
+        context, score_from = neighbour_max(values["score"], np.zeros(n), np.arange(n),
+                                            self.bundle.scoring.neighbour_slices)  # fmt: skip
+        normalised = cal.normalise(context, positions)
         flagged = (normalised > cal.threshold) & in_roi
         frac = np.where(in_roi, frac, np.nan)
-        table = SliceTable(
-            {
-                "index": np.arange(n),
-                "z_mm": np.round(z_mm, 3),
-                "position": np.round(positions, 4),
-                "reconstruction": recon,
-                "feature": feat,
-                "combined": combined,
-                "normalised": normalised,
-                "flagged": flagged,
-                "in_roi": in_roi,
-                "anomaly_fraction": frac,
-            }
-        )
+        columns = {"index": np.arange(n), "z_mm": np.round(z_mm, 3), "position": np.round(positions, 4)}
+        columns.update({name: values[name] for name in names})
+        columns.update({"score": values["score"], "score_from": score_from, "normalised": normalised,
+                        "flagged": flagged, "in_roi": in_roi, "anomaly_fraction": frac})  # fmt: skip
+        table = SliceTable({c: columns[c] for c in self.columns}, self.descriptions)
         roi_info = None
         if roi_slabs is not None:
             roi_info = {"labels": list(roi_labels) if roi_labels else "any non-zero", "margin_mm": roi_margin_mm,

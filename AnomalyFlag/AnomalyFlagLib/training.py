@@ -6,22 +6,27 @@ import os
 import time
 from dataclasses import asdict
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, List, Optional
 
 import numpy as np
 import torch
 
 from .bundle import Bundle, load_bundle, new_bundle, save_bundle
 from .calibration import Calibration, calibrate
-from .config import ModelConfig, PreprocessConfig, ScoreConfig
+from .config import PreprocessConfig, ScoreConfig
 from .datasets import SliceSet, discover_cases, load_slices, split_cases, split_slices
-from .detector import TrainingOptions
+from .detectors import DEFAULT_BACKEND, TrainingData, TrainingRun, backend_class
 from .devices import autocast_for, select_device
 from .errors import InputError
-from .preprocessing import SlicePreprocessor
+from .maps import MapStatisticsAccumulator, neighbour_max
+from .preprocessing import InputSpec
 
 MAX_CALIBRATION_PIXELS = 400_000
-RESUMABLE_OPTIONS = ("gan_iterations", "encoder_iterations", "checkpoint_every")
+MIN_TRAINING_SLICES = 8
+MIN_CALIBRATION_SLICES = 20
+CALIBRATION_BATCH = 32
+STATISTICS_SIGMA_PX = 2.0  # in-plane smoothing of the normal map statistics
+RESUMABLE = ("max_minutes", "checkpoint_every")  # may change on resume; everything else must match
 
 
 class Checkpointer:
@@ -33,6 +38,7 @@ class Checkpointer:
         self.resume = resume
 
     def restore(self, networks, optimizers, generator: torch.Generator) -> dict:
+        """The saved position ({stage, step, spent, done}), or {} when starting afresh."""
         if not (self.resume and self.path.is_file()):
             return {}
         try:
@@ -48,7 +54,7 @@ class Checkpointer:
         for name, opt in optimizers.items():
             opt.load_state_dict(state["optimizers"][name])
         generator.set_state(state["rng"])
-        return {"stage": state["stage"], "step": int(state["step"])}
+        return dict(state["where"])
 
     def save(self, networks, optimizers, generator: torch.Generator, where: dict) -> None:
         state = {
@@ -56,128 +62,205 @@ class Checkpointer:
             "networks": {k: v.state_dict() for k, v in networks.items()},
             "optimizers": {k: v.state_dict() for k, v in optimizers.items()},
             "rng": generator.get_state(),
-            **where,
+            "where": where,
         }
-        tmp = self.path.with_name(self.path.name + ".tmp")
-        torch.save(state, tmp)
+        tmp = self.path.with_name(f"{self.path.name}.tmp{os.getpid()}")
+        with open(tmp, "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
         os.replace(tmp, self.path)
 
 
+def _folds(slices: SliceSet) -> List[torch.Tensor]:
+    """Two disjoint halves of the held-out slices: by case when there are two or more, else by blocks."""
+    cases = torch.unique(slices.case_index)
+    if len(cases) >= 2:
+        first = torch.isin(slices.case_index, cases[::2])
+    else:
+        first = (torch.arange(len(slices)) // 4) % 2 == 0
+    return [first, ~first]
+
+
 @torch.no_grad()
-def score_slice_set(bundle: Bundle, slices: SliceSet, device, batch_size: int = 64):
-    """Combined scores and a subsample of normal body residuals for calibration."""
-    pre = SlicePreprocessor(bundle.preprocess, bundle.model_config.image_size)
-    combined, residuals = [], []
-    gen = torch.Generator().manual_seed(0)
-    per_batch = max(1, MAX_CALIBRATION_PIXELS // max(1, (len(slices) + batch_size - 1) // batch_size))
-    for k0 in range(0, len(slices), batch_size):
-        x = slices.images[k0 : k0 + batch_size].float().to(device)
-        pos = slices.positions[k0 : k0 + batch_size].to(device)
-        body = pre.body_mask(x)
-        with autocast_for(device):
-            s = bundle.detector.score_batch(x, pos, body)
-        combined.append((s.reconstruction + bundle.scoring.kappa * s.feature).float().cpu())
-        inside = s.residual[body[:, 0]].float().cpu()
-        if inside.numel() > per_batch:
-            inside = inside[torch.randperm(inside.numel(), generator=gen)[:per_batch]]
-        residuals.append(inside)
-    return torch.cat(combined).numpy(), torch.cat(residuals).numpy()
+def calibrate_on(bundle: Bundle, slices: SliceSet, num_cases: int, device, target_rate: Optional[float] = None):
+    """Fit the normal map statistics and the slice calibration on held-out NORMAL slices (in place).
 
-
-def calibrate_on(
-    bundle: Bundle, slices: SliceSet, num_cases: int, device, target_rate: Optional[float] = None
-) -> Calibration:
-    combined, residuals = score_slice_set(bundle, slices, device)
+    Two-fold cross-fitting: each half is scored with statistics from the other half, so the calibration
+    sees scores of slices the statistics never saw (as new scans will be); the bundle keeps the
+    statistics of all held-out slices. Per-pixel statistics need two or more cases; from one they are
+    one mean and scale per component."""
     sc = bundle.scoring
     if target_rate is not None:
         sc.target_false_flag_rate = float(target_rate)
-    return calibrate(
-        combined,
+    sc.validate()
+    spec = InputSpec.from_config(bundle.preprocess)
+    names = [c.name for c in bundle.components]
+    raw = {name: [] for name in names}
+    for k0 in range(0, len(slices), CALIBRATION_BATCH):
+        x = slices.images[k0 : k0 + CALIBRATION_BATCH].float().to(device)
+        pos = slices.positions[k0 : k0 + CALIBRATION_BATCH].to(device)
+        with autocast_for(device):
+            maps = bundle.backend.maps(x, pos, spec.body(x))
+        for name in names:
+            raw[name].append(maps[name].float().cpu().half())
+    raw = {name: torch.cat(v) for name, v in raw.items()}
+    body = torch.cat([spec.body(slices.images[k0 : k0 + 256].float()) for k0 in range(0, len(slices), 256)])
+    size = bundle.preprocess.image_size
+    per_pixel = len(torch.unique(slices.case_index)) >= 2
+
+    def statistics(keep: torch.Tensor):
+        acc = MapStatisticsAccumulator(names, sc.position_bins, size)
+        for k0 in range(0, int(keep.sum()), 256):
+            idx = torch.nonzero(keep).flatten()[k0 : k0 + 256]
+            acc.add({n: raw[n][idx].float() for n in names}, slices.positions[idx], body[idx])
+        return acc.finish(sc.pixel_floor, STATISTICS_SIGMA_PX, per_pixel)
+
+    scores = torch.zeros(len(slices))
+    pixels = []
+    budget = max(1, MAX_CALIBRATION_PIXELS // max(1, (len(slices) + 255) // 256))
+    gen = torch.Generator().manual_seed(0)
+    for fit_on, apply_to in zip(_folds(slices), reversed(_folds(slices))):
+        if not fit_on.any() or not apply_to.any():
+            fit_on = apply_to = torch.ones(len(slices), dtype=torch.bool)  # too few slices to split
+        bundle.statistics = statistics(fit_on).to(device)
+        scorer = bundle.map_scorer()
+        idx_all = torch.nonzero(apply_to).flatten()
+        for k0 in range(0, len(idx_all), 256):
+            idx = idx_all[k0 : k0 + 256]
+            maps = {n: raw[n][idx].float().to(device) for n in names}
+            s = scorer(maps, slices.positions[idx].to(device), body[idx].to(device))
+            scores[idx] = s.score.float().cpu()
+            inside = s.pixel_map.float().cpu()[body[idx][:, 0]]
+            if inside.numel() > budget:
+                inside = inside[torch.randperm(inside.numel(), generator=gen)[:budget]]
+            pixels.append(inside)
+    bundle.statistics = statistics(torch.ones(len(slices), dtype=torch.bool)).to(device)
+    context, _ = neighbour_max(scores.numpy(), slices.case_index.numpy(), slices.slice_index.numpy(),
+                               sc.neighbour_slices)  # fmt: skip
+    bundle.calibration = calibrate(
+        context,
         slices.positions.numpy(),
-        residuals,
+        torch.cat(pixels).numpy(),
         num_cases=num_cases,
         position_bins=sc.position_bins,
         target_false_flag_rate=sc.target_false_flag_rate,
         pixel_false_positive_rate=sc.pixel_false_positive_rate,
     )
+    return bundle.calibration
 
 
 def _fingerprint(*parts) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+def _calibration_seconds(bundle: Bundle, slices: SliceSet, device) -> float:
+    """Time the held-out calibration will take, from one timed batch (reserved out of a time budget)."""
+    x = slices.images[:CALIBRATION_BATCH].float().to(device)
+    pos = slices.positions[:CALIBRATION_BATCH].to(device)
+    spec = InputSpec.from_config(bundle.preprocess)
+    started = time.monotonic()
+    with torch.no_grad(), autocast_for(device):
+        bundle.backend.maps(x, pos, spec.body(x))
+    per_slice = (time.monotonic() - started) / max(1, x.shape[0])
+    return 1.5 * per_slice * len(slices) + 5.0
+
+
 def train(
     input_path,
     output,
-    model_config: ModelConfig = None,
+    backend: str = DEFAULT_BACKEND,
+    architecture=None,
+    options=None,
     preprocess: PreprocessConfig = None,
     scoring: ScoreConfig = None,
-    options: TrainingOptions = None,
     validation_fraction: float = 0.2,
+    seed: int = 0,
+    max_minutes: Optional[float] = None,
+    checkpoint_every: int = 200,
     resume: bool = False,
     device: str = "auto",
-    backend: str = "fanogan",
     progress: Optional[Callable] = None,
     cancel: Optional[Callable[[], bool]] = None,
     log: Callable[[str], None] = print,
 ) -> Path:
-    """Train on the normal volumes at `input_path`, calibrate on held-out normal cases, save a bundle."""
-    model_config = model_config or ModelConfig()
+    """Train `backend` on the normal volumes at `input_path`, calibrate on held-out normal slices, save a bundle.
+
+    With `max_minutes` every stage gets its share of the time left after loading and before calibration,
+    so the whole run, calibration included, ends within about that time (the number of steps then depends
+    on the machine's speed; without it the run is repeatable bit for bit on the CPU)."""
+    started = time.monotonic()
+    cls = backend_class(backend)
+    architecture = architecture or cls.Architecture()
+    options = options or cls.Options()
     preprocess = preprocess or PreprocessConfig()
     scoring = scoring or ScoreConfig()
-    options = options or TrainingOptions()
-    model_config.validate()
+    if max_minutes is not None and not max_minutes > 0:
+        raise InputError(f"--max-minutes must be positive, not {max_minutes}.")
     output = Path(output)
     dev = select_device(device)
-    torch.manual_seed(options.seed)
-    np.random.seed(options.seed)
+    torch.manual_seed(seed)  # before the networks are built: their initial weights come from it
+    np.random.seed(seed)
     if dev.type == "cpu":
         torch.use_deterministic_algorithms(True, warn_only=True)
-    started = time.time()
+    try:
+        bundle = new_bundle(backend, architecture, options, preprocess, scoring, name=output.name)
+    except ValueError as exc:
+        raise InputError(f"cannot train backend '{backend}': {exc}") from None
     cases = discover_cases(input_path)
     log(f"Loading {len(cases)} case(s) from {input_path} ...")
-    slices = load_slices(cases, preprocess, model_config.image_size, cancel=cancel)
-    train_ids, val_ids = split_cases(len(cases), validation_fraction, options.seed)
+    slices = load_slices(cases, preprocess, cancel=cancel)
+    train_ids, val_ids = split_cases(len(cases), validation_fraction, seed)
     if val_ids:
         train_set, val_set = slices.subset(train_ids), slices.subset(val_ids)
     else:
-        train_set, val_set = split_slices(slices)
-    if len(train_set) < 8 or len(val_set) < 10:
+        train_set, val_set = split_slices(slices, MIN_CALIBRATION_SLICES)
+        log(
+            f"Warning: {len(cases)} case(s) are too few to hold one out; calibrating on {len(val_set)} slices "
+            "(blocks of 4) of the same patient(s). The false-flag rate on new patients may exceed the target."
+        )
+    if len(train_set) < MIN_TRAINING_SLICES or len(val_set) < MIN_CALIBRATION_SLICES:
         raise InputError(
             f"too few normal slices to train and calibrate ({len(train_set)} training, {len(val_set)} held out); "
-            "at least 8 and 10 are needed."
+            f"at least {MIN_TRAINING_SLICES} and {MIN_CALIBRATION_SLICES} are needed."
         )
     log(
         f"{len(train_set)} training slices, {len(val_set)} held-out normal slices for calibration, "
-        f"{slices.excluded_slices} masked slices excluded."
+        f"{slices.excluded_slices} masked slices excluded; backend '{backend}'."
     )
-    bundle = new_bundle(backend, model_config, preprocess, scoring, name=output.name)
-    bundle.detector.to(dev)
+    bundle.backend.to(dev)
     work = output.with_name(output.name + ".partial")
     work.mkdir(parents=True, exist_ok=True)
-    # Iteration counts may change on resume (to extend or shorten a run); everything else must match.
-    resumable = {k: v for k, v in asdict(options).items() if k not in RESUMABLE_OPTIONS}
-    fingerprint = _fingerprint(asdict(model_config), asdict(preprocess), resumable, backend, slices.case_names,
-                               len(slices))  # fmt: skip
+    run_settings = {"seed": seed, "validation_fraction": validation_fraction}
+    fingerprint = _fingerprint(backend, asdict(architecture), asdict(options), asdict(preprocess), run_settings,
+                               slices.case_names, len(slices))  # fmt: skip
     checkpointer = Checkpointer(work / "checkpoint.pt", fingerprint, resume)
-
-    def report(stage, step, total, info):
-        if progress is not None:
-            progress(stage, step, total, info)
-
-    bundle.detector.fit(train_set, options, report, cancel or (lambda: False), checkpointer, dev)
-    bundle.calibration = calibrate_on(bundle, val_set, max(1, len(val_ids)), dev)
+    deadline = None
+    if max_minutes is not None:
+        deadline = started + 60.0 * max_minutes - _calibration_seconds(bundle, val_set, dev)
+    run = TrainingRun(dev, seed, checkpointer, progress or (lambda *a: None), cancel or (lambda: False),
+                      deadline, checkpoint_every)  # fmt: skip
+    run.stage_shares = {s.name: s.share for s in bundle.backend.stages(options)}
+    train_started = time.monotonic()
+    bundle.backend.fit(TrainingData(train_set.images, train_set.positions), options, run)
+    bundle.backend.eval()
+    train_seconds = time.monotonic() - train_started
+    calibrate_on(bundle, val_set, max(1, len(val_ids)), dev)
     summary = {
+        "backend": backend,
         "cases": len(cases),
         "case_names": slices.case_names,
         "training_slices": len(train_set),
         "calibration_slices": len(val_set),
         "calibration_cases": [slices.case_names[i] for i in val_ids]
-        or "slice-level split (too few cases to hold one out): every 4th block of 4 slices",
+        or "slice-level split (too few cases to hold one out): blocks of 4 slices",
         "excluded_masked_slices": slices.excluded_slices,
-        "options": asdict(options),
+        "seed": seed,
+        "max_minutes": max_minutes,
+        "steps": run.steps_done,
         "device": str(dev),
-        "duration_s": round(time.time() - started, 1),
+        "training_s": round(train_seconds, 1),
+        "duration_s": round(time.monotonic() - started, 1),
         "input": str(input_path),
     }
     save_bundle(bundle, output, training_summary=summary)
@@ -195,9 +278,14 @@ def recalibrate(bundle_path, input_path, output=None, target_rate: Optional[floa
     dev = select_device(device)
     bundle = load_bundle(bundle_path, device=dev)
     cases = discover_cases(input_path, "calibration input")
-    slices = load_slices(cases, bundle.preprocess, bundle.model_config.image_size)
+    slices = load_slices(cases, bundle.preprocess)
+    if len(slices) < MIN_CALIBRATION_SLICES:
+        raise InputError(f"calibration needs at least {MIN_CALIBRATION_SLICES} normal slices, got {len(slices)}.")
     log(f"Calibrating on {len(slices)} normal slices from {len(cases)} case(s) ...")
-    bundle.calibration = calibrate_on(bundle, slices, len(cases), dev, target_rate)
+    calibrate_on(bundle, slices, len(cases), dev, target_rate)
     training = dict(bundle.metadata.get("training") or {})
     training["recalibrated_on"] = {"input": str(input_path), "cases": len(cases), "slices": len(slices)}
     return save_bundle(bundle, Path(output or bundle_path), training_summary=training)
+
+
+__all__ = ["Calibration", "Checkpointer", "calibrate_on", "recalibrate", "train"]

@@ -1,4 +1,4 @@
-"""Per-slice scores as a table node (one row per slice, columns = AnomalyFlagLib.scoring.SLICE_COLUMNS)
+"""Per-slice scores as a table node (one row per slice, the columns of the result's slice table)
 and a plot chart: normalised score per slice, the threshold line and the flagged slices as markers."""
 
 import math
@@ -7,7 +7,6 @@ import numpy as np
 import slicer
 import vtk
 from AnomalyFlagLib.errors import InputError
-from AnomalyFlagLib.scoring import SLICE_COLUMNS
 
 ATTR_THRESHOLD = "AnomalyFlag.Threshold"
 ATTR_CASE = "AnomalyFlag.Case"
@@ -17,20 +16,9 @@ ATTR_SERIES = "AnomalyFlag.Series"
 CHART_DATA_REFERENCE = "AnomalyFlag.ChartData"
 SCORE_TABLE_REFERENCE = "AnomalyFlag.ScoreTable"
 
-INT_COLUMNS = ("index",)
+INT_COLUMNS = ("index", "score_from")
 BOOL_COLUMNS = ("flagged", "in_roi")
-COLUMN_INFO = {
-    "index": ("", "slice index along the volume's axis closest to superior-inferior"),
-    "z_mm": ("mm", "superior coordinate of the slice centre"),
-    "position": ("", "relative position in the scan or ROI (0 inferior, 1 superior)"),
-    "reconstruction": ("", "mean reconstruction residual"),
-    "feature": ("", "critic feature-matching score"),
-    "combined": ("", "reconstruction + kappa * feature"),
-    "normalised": ("", "(combined - median) / MAD of normal slices; flagged above the threshold"),
-    "flagged": ("", "1 when the slice is flagged"),
-    "in_roi": ("", "1 when the slice is within the region of interest"),
-    "anomaly_fraction": ("", "share of ROI/body pixels over the pixel threshold"),
-}
+COLUMN_UNITS = {"z_mm": "mm"}
 
 
 def _newArray(column: str):
@@ -45,13 +33,14 @@ def _newArray(column: str):
 
 
 def createScoreTable(result, tableNode=None, scene=None):
-    """Table node with one row per slice of `result` (a CaseResult) and typed columns SLICE_COLUMNS."""
+    """Table node with one row per slice of `result` (a CaseResult), with its typed columns and their
+    descriptions (a backend's score components included)."""
     scene = scene or slicer.mrmlScene
     if tableNode is None:
         tableNode = scene.AddNewNodeByClass("vtkMRMLTableNode", f"{result.name} slice scores")
     table = vtk.vtkTable()
     n = len(result.slices)
-    for column in SLICE_COLUMNS:
+    for column in result.slices.names:
         values = np.asarray(result.slices[column])
         array = _newArray(column)
         array.SetNumberOfTuples(n)
@@ -67,10 +56,10 @@ def createScoreTable(result, tableNode=None, scene=None):
     wasModifying = tableNode.StartModify()
     try:
         tableNode.SetAndObserveTable(table)
-        for column, (unit, description) in COLUMN_INFO.items():
-            if unit:
-                tableNode.SetColumnUnitLabel(column, unit)
-            tableNode.SetColumnDescription(column, description)
+        for column in result.slices.names:
+            if column in COLUMN_UNITS:
+                tableNode.SetColumnUnitLabel(column, COLUMN_UNITS[column])
+            tableNode.SetColumnDescription(column, result.slices.descriptions.get(column, ""))
         tableNode.SetAttribute(ATTR_THRESHOLD, repr(float(result.threshold)))
         tableNode.SetAttribute(ATTR_CASE, result.name)
         tableNode.SetAttribute(ATTR_MODEL, result.model_name)

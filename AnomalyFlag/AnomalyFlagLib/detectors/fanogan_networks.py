@@ -1,15 +1,55 @@
 """f-AnoGAN networks built from MONAI convolution blocks: generator G(z, pos), critic D(x, pos) with an
 intermediate feature layer f(x), and encoder E(x, pos) -> z.
 
-The relative slice position pos in [0, 1] enters G as an extra latent coordinate and D/E as an extra
-constant input channel; with conditioning switched off it is ignored.
+Images have one channel per intensity window. The relative slice position pos in [0, 1] enters G as an
+extra latent coordinate and D/E as an extra constant input channel; with conditioning switched off it is
+ignored.
 """
+
+from dataclasses import dataclass
 
 import torch
 from monai.networks.blocks import Convolution
 from torch import nn
 
-from .config import ModelConfig
+from .base import option
+
+
+@dataclass
+class FAnoGANArchitecture:
+    """Sizes of the f-AnoGAN networks (the image size and channels come from the preprocessing)."""
+
+    latent_dim: int = option(128, "size of the latent space")
+    base_width: int = option(16, "channels of the first critic/encoder convolution")
+    max_width: int = option(128, "largest number of channels of any layer")
+    condition_on_position: bool = option(True, "do not condition on the slice position", flag="--no-position")
+
+
+@dataclass
+class _Shape:
+    """An architecture bound to an image size and channel count."""
+
+    arch: FAnoGANArchitecture
+    image_size: int
+    channels: int
+
+    @property
+    def num_levels(self) -> int:
+        """Stride-2 stages between image_size and the bottleneck (4x4 to 7x7: 4x4 for powers of two)."""
+        levels = 0
+        while self.image_size % 2 ** (levels + 1) == 0 and self.image_size // 2 ** (levels + 1) >= 4:
+            levels += 1
+        return levels
+
+    @property
+    def bottleneck(self) -> int:
+        return self.image_size // 2**self.num_levels
+
+    def widths(self):
+        """Channel width at each level, from full resolution down to 4x4."""
+        a = self.arch
+        return [min(a.base_width * 2**level, a.max_width) for level in range(self.num_levels)]
+
 
 LEAKY = ("leakyrelu", {"negative_slope": 0.2, "inplace": True})
 
@@ -22,9 +62,9 @@ def _position_channel(x: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
 class _DownTrunk(nn.Module):
     """Stride-2 4x4 convolutions from image_size down to 4x4 (shared shape of critic and encoder)."""
 
-    def __init__(self, config: ModelConfig, norm):
+    def __init__(self, config: _Shape, norm):
         super().__init__()
-        in_ch = 1 + int(config.condition_on_position)
+        in_ch = config.channels + int(config.arch.condition_on_position)
         layers = []
         for level, width in enumerate(config.widths()):
             layers.append(
@@ -42,7 +82,7 @@ class _DownTrunk(nn.Module):
             )
             in_ch = width
         self.layers = nn.Sequential(*layers)
-        self.out_features = in_ch * 16
+        self.out_features = in_ch * config.bottleneck**2
 
     def forward(self, x):
         return self.layers(x)
@@ -51,17 +91,21 @@ class _DownTrunk(nn.Module):
 class Critic(nn.Module):
     """WGAN critic; `features` is the last convolutional map, used for feature matching."""
 
-    def __init__(self, config: ModelConfig):
+    def __init__(self, config: _Shape):
         super().__init__()
-        self.condition = config.condition_on_position
+        self.condition = config.arch.condition_on_position
         # No batch statistics in the critic: the gradient penalty is computed per sample.
         self.trunk = _DownTrunk(config, norm=("instance", {"affine": True}))
         self.head = nn.Linear(self.trunk.out_features, 1)
 
-    def features(self, x, pos):
+    def feature_map(self, x, pos):
+        """The last convolutional map (n, C, b, b) at the bottleneck: the feature layer f."""
         if self.condition:
             x = _position_channel(x, pos)
-        return self.trunk(x).flatten(1)
+        return self.trunk(x)
+
+    def features(self, x, pos):
+        return self.feature_map(x, pos).flatten(1)
 
     def forward(self, x, pos):
         return self.head(self.features(x, pos)).squeeze(1)
@@ -70,11 +114,11 @@ class Critic(nn.Module):
 class Encoder(nn.Module):
     """Maps a slice to the generator's latent space (bounded by tanh like the uniform prior)."""
 
-    def __init__(self, config: ModelConfig):
+    def __init__(self, config: _Shape):
         super().__init__()
-        self.condition = config.condition_on_position
+        self.condition = config.arch.condition_on_position
         self.trunk = _DownTrunk(config, norm=("batch", {}))
-        self.head = nn.Linear(self.trunk.out_features, config.latent_dim)
+        self.head = nn.Linear(self.trunk.out_features, config.arch.latent_dim)
 
     def forward(self, x, pos):
         if self.condition:
@@ -85,17 +129,18 @@ class Encoder(nn.Module):
 class Generator(nn.Module):
     """Transposed-convolution generator from (z, pos) to a slice in [-1, 1]."""
 
-    def __init__(self, config: ModelConfig):
+    def __init__(self, config: _Shape):
         super().__init__()
-        self.condition = config.condition_on_position
+        self.condition = config.arch.condition_on_position
         widths = config.widths()
         self.bottleneck_width = widths[-1]
+        self.bottleneck = config.bottleneck
         self.project = nn.Sequential(
-            nn.Linear(config.latent_dim + int(self.condition), widths[-1] * 16),
+            nn.Linear(config.arch.latent_dim + int(self.condition), widths[-1] * config.bottleneck**2),
         )
         self.project_norm = nn.Sequential(nn.BatchNorm2d(widths[-1]), nn.ReLU(inplace=True))
         layers = []
-        outs = list(reversed(widths[:-1])) + [1]
+        outs = list(reversed(widths[:-1])) + [config.channels]
         in_ch = widths[-1]
         for i, out_ch in enumerate(outs):
             last = i == len(outs) - 1
@@ -120,13 +165,13 @@ class Generator(nn.Module):
     def forward(self, z, pos):
         if self.condition:
             z = torch.cat([z, (pos.to(z.dtype) * 2 - 1).view(-1, 1)], dim=1)
-        x = self.project(z).view(-1, self.bottleneck_width, 4, 4)
+        x = self.project(z).view(-1, self.bottleneck_width, self.bottleneck, self.bottleneck)
         return self.layers(self.project_norm(x))
 
 
-def build_networks(config: ModelConfig):
+def build_networks(arch: FAnoGANArchitecture, image_size: int, channels: int):
     """The three networks of one detector, in evaluation mode."""
-    config.validate()
+    config = _Shape(arch, image_size, channels)
     nets = {"generator": Generator(config), "critic": Critic(config), "encoder": Encoder(config)}
     for net in nets.values():
         net.eval()

@@ -1,0 +1,60 @@
+"""Detector backends behind one contract (`base.DetectorBackend`) and the registry that names them.
+
+Built-in backends are registered here; another package (or a test) adds one with `register_backend`
+and it is at once trainable, scorable and loadable through the public commands.
+"""
+
+from typing import Dict, Type
+
+from ..slice_table import LEADING_COLUMNS, TRAILING_COLUMNS
+from .base import DetectorBackend, ScoreComponent, TrainingData, TrainingRun, TrainingStage, option
+
+DEFAULT_BACKEND = "restoration"
+
+BACKENDS: Dict[str, Type[DetectorBackend]] = {}
+
+
+def register_backend(cls: Type[DetectorBackend]) -> Type[DetectorBackend]:
+    """Add a backend class to the registry (usable as a decorator); its `name` must be new."""
+    for attribute in ("name", "summary", "Architecture", "Options", "components"):
+        if not hasattr(cls, attribute):
+            raise TypeError(f"backend {cls.__name__} does not define '{attribute}'")
+    clash = {c.name for c in cls.components} & set(LEADING_COLUMNS + TRAILING_COLUMNS)
+    if clash:
+        raise ValueError(f"backend {cls.name}: component names {sorted(clash)} are reserved slice-table columns")
+    if cls.name in BACKENDS and BACKENDS[cls.name] is not cls:
+        raise ValueError(f"a detector backend named '{cls.name}' is already registered")
+    BACKENDS[cls.name] = cls
+    return cls
+
+
+def backend_class(name: str) -> Type[DetectorBackend]:
+    try:
+        return BACKENDS[name]
+    except KeyError:
+        raise ValueError(f"unknown detector backend '{name}'; known: {', '.join(sorted(BACKENDS))}") from None
+
+
+def _register_builtins() -> None:
+    from .fanogan import FAnoGANBackend
+    from .normative import NormativeBackend
+    from .restoration import RestorationBackend
+
+    for cls in (RestorationBackend, FAnoGANBackend, NormativeBackend):
+        register_backend(cls)
+
+
+_register_builtins()
+
+__all__ = [
+    "BACKENDS",
+    "DEFAULT_BACKEND",
+    "DetectorBackend",
+    "ScoreComponent",
+    "TrainingData",
+    "TrainingRun",
+    "TrainingStage",
+    "backend_class",
+    "option",
+    "register_backend",
+]

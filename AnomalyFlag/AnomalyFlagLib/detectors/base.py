@@ -1,0 +1,199 @@
+"""The detector contract: what every backend declares and what it computes.
+
+A backend owns its networks, its architecture and training-option dataclasses (stored in the bundle
+under its own block), its score components and its training stages. Per batch of preprocessed slices it
+returns one raw pixel map per component at model resolution; `maps.MapScorer` turns those maps into
+the normalised anomaly map, the slice score and the per-component slice values, the same way for every
+backend. Scoring, calibration, heatmaps, bundles, the command line and the Slicer module only see this
+contract.
+"""
+
+import dataclasses
+import time
+from dataclasses import dataclass
+from typing import Callable, ClassVar, Dict, Optional, Sequence, Tuple
+
+import torch
+
+from ..errors import CancelledError
+from ..preprocessing import InputSpec
+
+ProgressFn = Callable[[str, int, int, Dict[str, float]], None]
+CancelFn = Callable[[], bool]
+
+
+@dataclass(frozen=True)
+class ScoreComponent:
+    """A named pixel map of a backend: its CSV column, its description and its weight in the score."""
+
+    name: str
+    description: str
+    weight: float = 1.0
+
+
+@dataclass(frozen=True)
+class TrainingStage:
+    """One stage of a backend's training: `share` is its part of a time budget, `steps_option` the
+    training option that holds its number of steps (so a budgeted run can be replayed step for step)."""
+
+    name: str
+    label: str
+    share: float = 1.0
+    steps_option: Optional[str] = None
+
+
+@dataclass
+class TrainingData:
+    """Normal training slices: raw intensities (float16, (N, 1, S, S)) and relative positions (N,)."""
+
+    images: torch.Tensor
+    positions: torch.Tensor
+
+    def __len__(self) -> int:
+        return self.images.shape[0]
+
+
+def option(default, help: str, flag: Optional[str] = None, **kwargs):
+    """A dataclass field that the command line offers as `--name` (or `flag`) with this help text."""
+    metadata = {"help": help}
+    if flag:
+        metadata["flag"] = flag
+    return dataclasses.field(default=default, metadata=metadata, **kwargs)
+
+
+class TrainingRun:
+    """What a backend's `fit` gets besides the data: device, seeded random numbers, progress, cancel,
+    checkpoints and the time budget. `run_stage` drives one stage's loop, so every backend checkpoints,
+    resumes, reports and keeps to the budget the same way."""
+
+    def __init__(
+        self,
+        device: torch.device,
+        seed: int,
+        checkpoint,
+        progress: ProgressFn,
+        cancel: CancelFn,
+        deadline: Optional[float] = None,
+        checkpoint_every: int = 200,
+    ):
+        self.device = device
+        self.generator = torch.Generator().manual_seed(seed)
+        self.checkpoint = checkpoint
+        self.progress = progress
+        self.cancel = cancel
+        self.deadline = deadline
+        self.checkpoint_every = checkpoint_every
+        self.stage_shares: Dict[str, float] = {}
+        self.steps_done: Dict[str, int] = {}
+        self._state: dict = {}
+
+    def restore(self, networks: Dict[str, torch.nn.Module], optimizers: Dict[str, torch.optim.Optimizer]) -> None:
+        """Load a resumed run's weights, optimiser states and random state (nothing when starting afresh)."""
+        self._state = self.checkpoint.restore(networks, optimizers, self.generator)
+
+    def run_stage(
+        self,
+        stage: TrainingStage,
+        total_steps: int,
+        step_fn: Callable[[int, float], Dict[str, float]],
+        networks: Dict[str, torch.nn.Module],
+        optimizers: Dict[str, torch.optim.Optimizer],
+    ) -> None:
+        """Call `step_fn(step, fraction)` until `total_steps` or the stage's share of the budget is used.
+
+        `fraction` in [0, 1) is how far the stage is (by steps or by time, whichever is further), for
+        learning-rate schedules. A stage finished in a resumed run is skipped."""
+        done_stages = self._state.get("done", [])
+        if stage.name in done_stages:
+            return
+        step = int(self._state.get("step", 0)) if self._state.get("stage") == stage.name else 0
+        spent = float(self._state.get("spent", 0.0)) if self._state.get("stage") == stage.name else 0.0
+        allotted = self._allotted(stage)
+        started = time.monotonic() - spent
+        while step < total_steps:
+            elapsed = time.monotonic() - started
+            if allotted is not None and elapsed >= allotted:
+                break
+            fraction = step / total_steps
+            if allotted is not None:
+                fraction = max(fraction, elapsed / allotted)
+            info = step_fn(step, min(fraction, 1.0))
+            step += 1
+            self.progress(stage.name, step, total_steps, info)
+            cancelled = self.cancel()
+            if cancelled or step % self.checkpoint_every == 0:
+                where = {"stage": stage.name, "step": step, "spent": time.monotonic() - started, "done": done_stages}
+                self.checkpoint.save(networks, optimizers, self.generator, where)
+            if cancelled:
+                raise CancelledError(f"training cancelled at {stage.name} step {step}; resume with --resume")
+        if step < total_steps:  # stopped by the budget: the bar ends where the stage ended
+            self.progress(stage.name, total_steps, total_steps, {"stopped_at_step": step})
+        self.steps_done[stage.name] = step
+        self._state = {"done": done_stages + [stage.name]}
+        self.checkpoint.save(networks, optimizers, self.generator, {"stage": stage.name, **self._state})
+
+    def _allotted(self, stage: TrainingStage) -> Optional[float]:
+        """Seconds this stage may use: its share of the time left, counting the stages still to run."""
+        if self.deadline is None:
+            return None
+        done = set(self._state.get("done", []))
+        remaining = [s for s in self.stage_shares if s not in done]
+        total = sum(self.stage_shares[s] for s in remaining) or 1.0
+        left = max(0.0, self.deadline - time.monotonic())
+        spent = float(self._state.get("spent", 0.0)) if self._state.get("stage") == stage.name else 0.0
+        return spent + left * self.stage_shares.get(stage.name, stage.share) / total
+
+
+class DetectorBackend:
+    """Base class of the backends. Subclasses set the class attributes and implement the methods."""
+
+    name: ClassVar[str]
+    summary: ClassVar[str]
+    Architecture: ClassVar[type]
+    Options: ClassVar[type]
+    components: ClassVar[Tuple[ScoreComponent, ...]]
+
+    def __init__(self, architecture, inputs: InputSpec):
+        self.architecture = architecture
+        self.inputs = inputs
+
+    @classmethod
+    def tiny(cls) -> Tuple[object, object]:
+        """(architecture, options) small enough to train in seconds on a CPU, for self-tests."""
+        raise NotImplementedError
+
+    @classmethod
+    def validate(cls, architecture, inputs: InputSpec) -> None:
+        """Raise ValueError when the architecture does not fit the inputs (called before building)."""
+
+    def networks(self) -> Dict[str, torch.nn.Module]:
+        """Named modules whose state makes up the bundle (one safetensors file each)."""
+        raise NotImplementedError
+
+    @classmethod
+    def stages(cls, options) -> Sequence[TrainingStage]:
+        raise NotImplementedError
+
+    def fit(self, data: TrainingData, options, run: TrainingRun) -> None:
+        """Train on normal slices only."""
+        raise NotImplementedError
+
+    def maps(self, x: torch.Tensor, pos: torch.Tensor, body: torch.Tensor) -> Dict[str, torch.Tensor]:
+        """Raw pixel maps (n, S, S), larger = more anomalous, one per component, for raw-intensity slices
+        x (n, 1, S, S), relative positions pos (n,) and body masks (n, 1, S, S)."""
+        raise NotImplementedError
+
+    def to(self, device) -> "DetectorBackend":
+        for net in self.networks().values():
+            net.to(device)
+        return self
+
+    def eval(self) -> "DetectorBackend":
+        for net in self.networks().values():
+            net.eval()
+        return self
+
+    def train_mode(self) -> "DetectorBackend":
+        for net in self.networks().values():
+            net.train()
+        return self

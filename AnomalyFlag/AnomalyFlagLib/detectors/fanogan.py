@@ -1,0 +1,154 @@
+"""f-AnoGAN (Schlegl et al. 2019): WGAN-GP on normal slices, then an izif encoder with G and D frozen.
+
+Kept as the literature baseline: its latent bottleneck cannot reproduce normal detail, so its residual
+is large at every tissue edge (see docs/detector-experiments.md).
+"""
+
+from dataclasses import dataclass
+from typing import Dict
+
+import torch
+import torch.nn.functional as F
+
+from .augment import augment_batch
+from .base import DetectorBackend, ScoreComponent, TrainingData, TrainingRun, TrainingStage, option
+from .fanogan_networks import FAnoGANArchitecture, build_networks
+
+
+@dataclass
+class FAnoGANOptions:
+    batch_size: int = option(32, "slices per training step")
+    gan_iterations: int = option(2000, "stage 1 (WGAN-GP) generator steps")
+    encoder_iterations: int = option(1000, "stage 2 (izif encoder) steps")
+    critic_steps: int = option(5, "critic steps per generator step")
+    gradient_penalty: float = option(10.0, "WGAN-GP gradient penalty weight")
+    learning_rate: float = option(1e-4, "Adam learning rate (the encoder uses twice this)")
+    kappa: float = option(1.0, "weight of the feature term in the encoder loss")
+    augment: bool = option(True, "no rotation/scaling/shift/noise augmentation", flag="--no-augment")
+
+
+class FAnoGANBackend(DetectorBackend):
+    name = "fanogan"
+    summary = "f-AnoGAN: WGAN-GP generator and critic, then an izif encoder (reconstruction through a latent code)"
+    Architecture = FAnoGANArchitecture
+    Options = FAnoGANOptions
+    components = (
+        ScoreComponent("reconstruction", "residual |x - G(E(x))|, normalised by normal slices"),
+        ScoreComponent("feature", "critic feature distance |f(x) - f(G(E(x)))|^2 (bottleneck map), normalised"),
+    )
+
+    @classmethod
+    def tiny(cls):
+        return (
+            FAnoGANArchitecture(latent_dim=32, base_width=8, max_width=32),
+            FAnoGANOptions(batch_size=16, gan_iterations=20, encoder_iterations=20, critic_steps=2),
+        )
+
+    @classmethod
+    def validate(cls, architecture, inputs):
+        size = inputs.image_size
+        if size < 64 or size % 16:
+            raise ValueError(f"f-AnoGAN needs an image size that is a multiple of 16 from 64 to 512, not {size}")
+        if (
+            architecture.latent_dim < 2
+            or architecture.base_width < 1
+            or architecture.max_width < architecture.base_width
+        ):
+            raise ValueError("latent_dim >= 2 and 1 <= base_width <= max_width are required")
+
+    def __init__(self, architecture: FAnoGANArchitecture, inputs):
+        super().__init__(architecture, inputs)
+        nets = build_networks(architecture, inputs.image_size, inputs.num_channels)
+        self.generator, self.critic, self.encoder = nets["generator"], nets["critic"], nets["encoder"]
+
+    def networks(self):
+        return {"generator": self.generator, "critic": self.critic, "encoder": self.encoder}
+
+    @classmethod
+    def stages(cls, options: FAnoGANOptions):
+        total = options.gan_iterations * (options.critic_steps + 1) + options.encoder_iterations
+        return (
+            TrainingStage(
+                "gan", "stage 1 WGAN-GP", options.gan_iterations * (options.critic_steps + 1) / total, "gan_iterations"
+            ),  # fmt: skip
+            TrainingStage("encoder", "stage 2 encoder", options.encoder_iterations / total, "encoder_iterations"),
+        )
+
+    @torch.no_grad()
+    def maps(self, x, pos, body) -> Dict[str, torch.Tensor]:
+        x = self.inputs.channels(x)
+        recon = self.generator(self.encoder(x, pos), pos).float()
+        fx = self.critic.feature_map(x, pos).float()
+        fr = self.critic.feature_map(recon.to(x.dtype), pos).float()
+        feature = F.interpolate(((fx - fr) ** 2).mean(dim=1, keepdim=True), size=x.shape[-2:], mode="bilinear")
+        return {"reconstruction": (x.float() - recon).abs().mean(dim=1), "feature": feature[:, 0]}
+
+    def fit(self, data: TrainingData, options: FAnoGANOptions, run: TrainingRun) -> None:
+        gen, device = run.generator, run.device
+        opt_g = torch.optim.Adam(self.generator.parameters(), lr=options.learning_rate, betas=(0.0, 0.9))
+        opt_d = torch.optim.Adam(self.critic.parameters(), lr=options.learning_rate, betas=(0.0, 0.9))
+        opt_e = torch.optim.Adam(self.encoder.parameters(), lr=options.learning_rate * 2, betas=(0.5, 0.999))
+        optimizers = {"opt_generator": opt_g, "opt_critic": opt_d, "opt_encoder": opt_e}
+        nets = self.networks()
+        run.restore(nets, optimizers)
+        gan_stage, encoder_stage = self.stages(options)
+        latent = self.architecture.latent_dim
+
+        def batch():
+            idx = torch.randint(len(data), (options.batch_size,), generator=gen)
+            x = self.inputs.channels(data.images[idx])
+            pos = data.positions[idx].float()
+            return (augment_batch(x, gen) if options.augment else x).to(device), pos.to(device)
+
+        def gan_step(step, fraction):
+            self.generator.train()
+            self.critic.train()
+            for _ in range(options.critic_steps):
+                x, pos = batch()
+                z = (torch.rand(x.shape[0], latent, generator=gen) * 2 - 1).to(device)
+                with torch.no_grad():
+                    fake = self.generator(z, pos)
+                loss_d = self.critic(fake, pos).mean() - self.critic(x, pos).mean()
+                loss_d = loss_d + options.gradient_penalty * self._gradient_penalty(x, fake, pos, gen)
+                opt_d.zero_grad(set_to_none=True)
+                loss_d.backward()
+                opt_d.step()
+            z = (torch.rand(options.batch_size, latent, generator=gen) * 2 - 1).to(device)
+            pos = data.positions[torch.randint(len(data), (options.batch_size,), generator=gen)].float().to(device)
+            loss_g = -self.critic(self.generator(z, pos), pos).mean()
+            opt_g.zero_grad(set_to_none=True)
+            loss_g.backward()
+            opt_g.step()
+            return {"critic_loss": loss_d.item(), "generator_loss": loss_g.item()}
+
+        def encoder_step(step, fraction):
+            x, pos = batch()
+            recon = self.generator(self.encoder(x, pos), pos)
+            loss_img = F.mse_loss(recon, x)
+            loss_feat = F.mse_loss(self.critic.features(recon, pos), self.critic.features(x, pos))
+            loss_e = loss_img + options.kappa * loss_feat
+            opt_e.zero_grad(set_to_none=True)
+            loss_e.backward()
+            opt_e.step()
+            return {"image_loss": loss_img.item(), "feature_loss": loss_feat.item()}
+
+        run.run_stage(gan_stage, options.gan_iterations, gan_step, nets, optimizers)
+        self.generator.eval()
+        self.critic.eval()
+        frozen = list(self.generator.parameters()) + list(self.critic.parameters())
+        for p in frozen:
+            p.requires_grad_(False)
+        self.encoder.train()
+        try:
+            run.run_stage(encoder_stage, options.encoder_iterations, encoder_step, nets, optimizers)
+        finally:
+            for p in frozen:
+                p.requires_grad_(True)
+            self.eval()
+
+    def _gradient_penalty(self, real, fake, pos, gen):
+        eps = torch.rand(real.shape[0], 1, 1, 1, generator=gen).to(real.device)
+        mixed = (eps * real + (1 - eps) * fake).requires_grad_(True)
+        out = self.critic(mixed, pos)
+        (grad,) = torch.autograd.grad(out.sum(), mixed, create_graph=True)
+        return ((grad.flatten(1).norm(dim=1) - 1) ** 2).mean()

@@ -1,0 +1,93 @@
+"""Network inputs: windows that show soft tissue and metal, body centring that maps back exactly, MRI
+percentile normalisation, and the generic training corruptions."""
+
+import numpy as np
+import pytest
+import torch
+from AnomalyFlagLib.config import PreprocessConfig
+from AnomalyFlagLib.detectors.corruptions import FAMILIES, corrupt
+from AnomalyFlagLib.phantom import make_phantom
+from AnomalyFlagLib.preprocessing import InputSpec, SlicePreprocessor, volume_reference
+from AnomalyFlagLib.slice_source import open_source
+
+
+def test_default_ct_windows_show_a_30_hu_lesion_and_a_stent():
+    spec = InputSpec.from_config(PreprocessConfig())
+    hu = torch.tensor([60.0, 30.0, 950.0, 2500.0, -1000.0, 3071.0]).view(1, 1, 1, -1)
+    liver, lesion, bone, metal, air, top = spec.channels(hu)[0, :, 0].T
+    assert spec.num_channels == 3
+    # Soft tissue: 30 HU is 0.15 of the window's [-1, 1] span (the old -1000..1000 window gave 0.03).
+    assert liver[0] - lesion[0] == pytest.approx(0.15)
+    # Metal stands apart from cortical bone in the metal window; in the others both saturate or nearly so.
+    assert metal[2] - bone[2] > 1.4 and bone[0] == metal[0] == 1.0
+    assert air.tolist() == [-1.0, -1.0, -1.0] and top[2] == 1.0
+    assert spec.intensity_unit == 200.0
+
+
+def test_body_centring_puts_the_body_in_the_middle_and_maps_back_exactly():
+    config = PreprocessConfig(image_size=64, fov_mm=192.0)
+    pre = SlicePreprocessor(config)
+    slab = np.full((2, 100, 120), -1024.0, dtype=np.float32)
+    slab[0, 10:30, 80:110] = 40.0  # a body off to one side
+    slab[1, 60:90, 5:25] = 40.0
+    x, placement = pre.to_model(slab, 2.0, 2.0)  # 2 mm pixels -> 3 mm model pixels
+    assert x.shape == (2, 1, 64, 64)
+    for i in range(2):
+        ys, xs = np.nonzero(x[i, 0].numpy() > -500)
+        assert abs(ys.mean() - 31.5) < 2 and abs(xs.mean() - 31.5) < 2
+    # A map of ones at model resolution lands on the body's pixels of the original grid.
+    back = pre.to_slice_grid(torch.ones(2, 64, 64), placement, 100, 120).numpy()
+    assert back.shape == (2, 100, 120)
+    assert back[0, 15:25, 85:105].min() > 0.99 and back[1, 65:85, 8:22].min() > 0.99
+    assert back[0, 90:, :20].max() == 0.0, "far from the square nothing is painted"
+
+
+def test_centring_can_be_switched_off():
+    pre = SlicePreprocessor(PreprocessConfig(image_size=64, fov_mm=192.0, centre_on_body=False))
+    slab = np.full((1, 96, 96), -1024.0, dtype=np.float32)
+    slab[0, 0:20, 0:20] = 40.0
+    _, placement = pre.to_model(slab, 2.0, 2.0)
+    assert placement.scaled_shape == (64, 64) and placement.tops == [0] and placement.lefts == [0]
+
+
+def test_mri_intensities_are_normalised_by_the_volume_percentiles():
+    config = PreprocessConfig.for_modality("MR", image_size=32, fov_mm=None)
+    assert config.windows == [[0.0, 1.0]] and config.body_threshold == 0.1
+    rng = np.random.default_rng(0)
+    volume = (rng.gamma(2.0, 300.0, (6, 32, 32)) * np.linspace(0, 1, 32)).astype(np.float32)  # no resampling
+    source = open_source(volume * 7.0 + 100.0)  # another scanner's scale and offset
+    scaled = open_source(volume)
+    ref, ref_scaled = volume_reference(source, config), volume_reference(scaled, config)
+    pre = SlicePreprocessor(config)
+    a, _ = pre.to_model(volume * 7.0 + 100.0, 1.0, 1.0, ref)
+    b, _ = pre.to_model(volume, 1.0, 1.0, ref_scaled)
+    np.testing.assert_allclose(a.numpy(), b.numpy(), atol=1e-4)
+    assert float(np.quantile(b.numpy(), 0.99)) == pytest.approx(1.0, abs=0.1)  # percentiles of a subsample
+    with pytest.raises(ValueError, match="intensity reference"):
+        pre.to_model(volume, 1.0, 1.0)
+    assert volume_reference(source, PreprocessConfig()) is None, "CT needs no reference: HU are absolute"
+
+
+def test_invalid_preprocessing_is_refused():
+    for bad in ({"windows": [[100.0, 0.0]]}, {"image_size": 100}, {"modality": "PET"}, {"fov_mm": -1.0}):
+        with pytest.raises(ValueError):
+            PreprocessConfig(**bad).validate()
+
+
+def test_corruptions_stay_in_the_body_and_label_what_changed():
+    phantom = make_phantom(num_slices=16, size=64, seed=4)
+    x = torch.from_numpy(phantom.image.astype(np.float32))[:, None]
+    spec = InputSpec.from_config(PreprocessConfig(image_size=64, fov_mm=None))
+    body = spec.body(x)
+    gen = torch.Generator().manual_seed(0)
+    for family in range(1, len(FAMILIES)):
+        mix = [0.0] * len(FAMILIES)
+        mix[family] = 1.0
+        out, label = corrupt(x, body, spec.intensity_unit, gen, tuple(mix), floor=spec.pad_value)
+        changed = (out - x).abs() > 1.0
+        assert changed.any(), FAMILIES[family]
+        assert not (changed & ~body).any(), f"{FAMILIES[family]} changed pixels outside the body"
+        assert label.any() and not (label & ~torch.nn.functional.max_pool2d(changed.float(), 3, 1, 1).bool()).any()
+        assert float(out.min()) >= spec.pad_value
+    clean, label = corrupt(x, body, spec.intensity_unit, gen, (1.0, 0, 0, 0, 0))
+    assert torch.equal(clean, x) and not label.any()

@@ -52,11 +52,11 @@ def measure(model: str, volume: str, out: str, device: str, batch_size) -> dict:
     from torch.utils.flop_counter import FlopCounterMode
 
     scorer = Scorer(model, device=device, batch_size=batch_size)
-    size = scorer.bundle.model_config.image_size
+    size = scorer.bundle.preprocess.image_size
     x = torch.zeros(scorer.batch_size, 1, size, size, device=scorer.device)
     pos = torch.full((scorer.batch_size,), 0.5, device=scorer.device)
-    with FlopCounterMode(display=False) as counter:
-        scorer.bundle.detector.score_batch(x, pos, x > -2)
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        scorer.bundle.score_batch(x, pos, scorer.pre.body_mask(x))
     flops_per_slice = counter.get_total_flops() / scorer.batch_size
     start = time.perf_counter()
     source = open_source(volume)

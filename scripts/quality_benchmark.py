@@ -1,0 +1,331 @@
+#!/usr/bin/env python
+"""Detection-quality benchmark: every backend, the same training budget, phantoms and real CT.
+
+Phantoms (made with AnomalyFlagLib.phantom, seeded): 24 normal training subjects; test sets of unseen
+subjects, 8 normal and 6 per anomaly type with one anomaly each, as hard as the clinic's: liver lesions
+8-30 mm across at 30-50 HU (hypodense) or 80-120 HU (hyperdense) contrast, metal stents 3-6 mm across,
+fluid crescents 3-20 mm thick; 1.5 mm pixels, 5 mm slices, 10-20 HU noise. Real CT: trained on the
+normal slices of pyradiomics' lung1 only (its tumour slices left out), tested on lung2 (its real
+tumour, and copies of lung2 with one inserted anomaly each).
+
+Every backend is trained by `AnomalyFlagLib.training.train` with `max_minutes` = the budget (30 by
+default), then scored like any scan. Per anomaly type: slice AUROC and AUPRC (that type's anomalous
+slices against every slice of the normal test subjects), pixel AUROC (inside the body of that type's
+subjects), sensitivity at the calibrated threshold, and the false-flag rate on the normal test subjects.
+Real CT: AUROC of lung2's tumour slices against its other slices, and the share of inserted-anomaly
+slices that score above the same slice of the unmodified lung2. Writes quality.json, quality.png (ROC
+per type, one row per backend) and prints a Markdown table.
+
+    python scripts/quality_benchmark.py                     # 30 minutes per backend and data set
+    python scripts/quality_benchmark.py --minutes 120       # the 4x run
+    python scripts/quality_benchmark.py --smoke             # a few minutes in all: small data, 1 minute each
+    python scripts/quality_benchmark.py --replay reports/quality/quality.json   # the same steps again
+
+Data and seeds are fixed; with a time budget the number of training steps depends on the machine's
+speed, so quality.json records the steps each run made and `--replay` retrains with exactly those steps
+(bit-identical on the same machine and library versions).
+"""
+
+import argparse
+import json
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import SimpleITK as sitk
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "AnomalyFlag"))
+sys.path.insert(0, str(ROOT / "scripts"))
+
+from AnomalyFlagLib.detectors import BACKENDS, DEFAULT_BACKEND, backend_class  # noqa: E402
+from AnomalyFlagLib.evaluation import PixelAccumulator, roc_curve, slice_metrics  # noqa: E402
+from AnomalyFlagLib.phantom import ANOMALY_KINDS, insert_anomaly, make_phantom  # noqa: E402
+from AnomalyFlagLib.preprocessing import body_mask  # noqa: E402
+from AnomalyFlagLib.scoring import HEATMAP_SCALE, Scorer  # noqa: E402
+
+KIND_LABELS = {
+    "hypodense_lesion": "hypodense",
+    "hyperdense_lesion": "hyperdense",
+    "metal_stent": "stent",
+    "fluid": "fluid",
+}
+AREA_BINS_MM2 = ((0, 50), (50, 200), (200, float("inf")))
+
+
+def clinic_anomaly(kind: str, rng: np.random.Generator) -> dict:
+    """One anomaly of KIND with the benchmark's clinical size range."""
+    if kind in ("hypodense_lesion", "hyperdense_lesion"):
+        return {"kind": kind, "radius_mm": float(rng.uniform(4.0, 15.0)), "region": "liver"}
+    if kind == "metal_stent":
+        return {"kind": kind, "radius_mm": float(rng.uniform(1.5, 3.0))}
+    return {"kind": kind, "radius_mm": float(rng.uniform(1.5, 10.0))}
+
+
+def make_phantom_sets(folder: Path, smoke: bool) -> dict:
+    """Write the phantom sets (once; reused when complete) and return their folders."""
+    size, slices = (128, 24) if smoke else (256, 48)
+    spacing = (1.5 * 256 / size, 1.5 * 256 / size, 5.0 * 48 / slices)
+    counts = {"train": 6, "test_normal": 2, "per_kind": 2} if smoke else {"train": 24, "test_normal": 8, "per_kind": 6}
+    sets = {"train": folder / "train", "test_normal": folder / "test_normal"}
+    sets.update({kind: folder / f"test_{kind}" for kind in ANOMALY_KINDS})
+    done = folder / "complete.json"
+    if done.is_file():
+        return sets
+    if folder.exists():
+        shutil.rmtree(folder)
+    for name, count, seed in (("train", counts["train"], 1000), ("test_normal", counts["test_normal"], 2000)):
+        rng = np.random.default_rng(seed)
+        for i in range(count):
+            make_phantom(slices, size, spacing, seed=int(rng.integers(2**31))).save(sets[name], f"{name}_{i:03d}")
+    for k, kind in enumerate(ANOMALY_KINDS):
+        rng = np.random.default_rng(3000 + k)
+        for i in range(counts["per_kind"]):
+            spec = clinic_anomaly(kind, rng)
+            phantom = make_phantom(slices, size, spacing, seed=int(rng.integers(2**31)), anomalies=[spec])
+            phantom.save(sets[kind], f"{KIND_LABELS[kind]}_{i:03d}")
+    done.write_text(json.dumps({"size": size, "slices": slices, "spacing": spacing, **counts}))
+    return sets
+
+
+def make_real_ct_sets(folder: Path, sample: Path, copies: int) -> dict:
+    """lung1 (training, with its tumour label so those slices are left out) and lung2 with inserted copies."""
+    from fetch_sample_data import fetch_pyradiomics_data
+
+    fetch_pyradiomics_data(sample)
+    train = folder / "train"
+    inserted = folder / "inserted"
+    done = folder / "complete.json"
+    if not done.is_file():
+        if folder.exists():
+            shutil.rmtree(folder)
+        train.mkdir(parents=True)
+        inserted.mkdir()
+        for name in ("lung1_image.nrrd", "lung1_label.nrrd"):
+            shutil.copy(sample / name, train / name)
+        image = sitk.ReadImage(str(sample / "lung2_image.nrrd"))
+        array = sitk.GetArrayFromImage(image)
+        rng = np.random.default_rng(4000)
+        for kind in ANOMALY_KINDS:
+            for c in range(copies):
+                spec = clinic_anomaly(kind, rng)
+                volume, mask = insert_anomaly(array, kind, rng, spacing=image.GetSpacing(), radius_mm=spec["radius_mm"])
+                for data, suffix in ((volume, ""), (mask.astype(np.uint8), "_anomaly")):
+                    out = sitk.GetImageFromArray(data)
+                    out.CopyInformation(image)
+                    sitk.WriteImage(out, str(inserted / f"lung2_{KIND_LABELS[kind]}_{c}{suffix}.nrrd"), True)
+        done.write_text(json.dumps({"copies": copies}))
+    return {"train": train, "lung2": sample / "lung2_image.nrrd", "lung2_label": sample / "lung2_label.nrrd",
+            "inserted": inserted}  # fmt: skip
+
+
+def train_backend(backend: str, data: Path, out: Path, minutes: float, replay: dict, device: str) -> dict:
+    """Train one backend within the budget (or with the replayed step counts); returns its training record."""
+    from AnomalyFlagLib.training import train
+
+    cls = backend_class(backend)
+    architecture, options = cls.Architecture(), cls.Options()
+    max_minutes = minutes
+    if replay:
+        for stage in cls.stages(options):
+            if stage.steps_option and stage.name in replay:
+                setattr(options, stage.steps_option, int(replay[stage.name]))
+        max_minutes = None
+    started = time.monotonic()
+    train(data, out, backend, architecture, options, max_minutes=max_minutes, device=device, log=print,
+          checkpoint_every=10**9)  # fmt: skip
+    training = json.loads((out / "metadata.json").read_text())["training"]
+    return {"steps": training["steps"], "seconds": round(time.monotonic() - started, 1),
+            "calibration_slices": training["calibration_slices"]}  # fmt: skip
+
+
+def _score(scorer: Scorer, path: Path):
+    image = sitk.ReadImage(str(path))
+    return image, scorer.score(image, name=path.name)
+
+
+def _mask(path: Path) -> np.ndarray:
+    return sitk.GetArrayFromImage(sitk.ReadImage(str(path))) > 0
+
+
+def _auc(pos, neg):
+    if len(pos) == 0 or len(neg) == 0:
+        return None
+    return slice_metrics(np.r_[pos, neg], np.r_[np.ones(len(pos)), np.zeros(len(neg))], 0.0)["auroc"]
+
+
+def evaluate_phantoms(model: Path, sets: dict, device: str) -> dict:
+    scorer = Scorer(model, device=device)
+    threshold = scorer.calibration.threshold
+    body_level = scorer.bundle.preprocess.body_threshold
+    normal = []
+    for path in sorted(sets["test_normal"].glob("*.nrrd")):
+        if not path.name.endswith(("_anomaly.nrrd", "_organs.nrrd")):
+            normal.append(_score(scorer, path)[1].slices["normalised"])
+    normal = np.concatenate(normal)
+    report = {"threshold": threshold, "false_flag_rate": float(np.mean(normal > threshold)),
+              "normal_slices": int(normal.size), "types": {}, "roc": {}}  # fmt: skip
+    for kind in ANOMALY_KINDS:
+        pixels = PixelAccumulator(max_value=255 * HEATMAP_SCALE, n_bins=256)
+        positives, areas = [], []
+        for path in sorted(sets[kind].glob("*.nrrd")):
+            if path.name.endswith(("_anomaly.nrrd", "_organs.nrrd")):
+                continue
+            image, result = _score(scorer, path)
+            truth = _mask(path.with_name(path.name.replace(".nrrd", "_anomaly.nrrd")))
+            hu = sitk.GetArrayFromImage(image).astype(np.float32)
+            import torch
+
+            body = body_mask(torch.from_numpy(hu)[:, None], body_level)[:, 0].numpy()
+            pixels.add(result.heatmap.astype(np.float32) * HEATMAP_SCALE, truth, roi=body)
+            has = truth.any(axis=(1, 2))
+            positives.append(result.slices["normalised"][has])
+            sx, sy, _ = image.GetSpacing()
+            areas.append(truth.sum(axis=(1, 2))[has] * sx * sy)
+        pos, area = np.concatenate(positives), np.concatenate(areas)
+        metrics = slice_metrics(np.r_[pos, normal], np.r_[np.ones(pos.size), np.zeros(normal.size)], threshold)
+        by_area = {}
+        for lo, hi in AREA_BINS_MM2:
+            sel = (area >= lo) & (area < hi)
+            by_area[f"{lo:g}-{hi:g} mm2"] = {"slices": int(sel.sum()), "auroc": _auc(pos[sel], normal)}
+        report["types"][kind] = {
+            "slice_auroc": metrics["auroc"],
+            "slice_auprc": metrics["auprc"],
+            "pixel_auroc": pixels.result()["pixel_auroc"],
+            "sensitivity": metrics["sensitivity"],
+            "anomalous_slices": int(pos.size),
+            "by_cross_section": by_area,
+        }
+        fpr, tpr, _ = roc_curve(np.r_[pos, normal], np.r_[np.ones(pos.size), np.zeros(normal.size)])
+        report["roc"][kind] = {"fpr": fpr.tolist(), "tpr": tpr.tolist()}
+    return report
+
+
+def evaluate_real_ct(model: Path, real: dict, device: str) -> dict:
+    scorer = Scorer(model, device=device)
+    _, lung2 = _score(scorer, real["lung2"])
+    base = lung2.slices["normalised"]
+    tumour = _mask(real["lung2_label"]).any(axis=(1, 2))
+    report = {
+        "tumour_auroc": _auc(base[tumour], base[~tumour]),
+        "tumour_slices": int(tumour.sum()),
+        "tumour_sensitivity": float(np.mean(base[tumour] > scorer.calibration.threshold)),
+        "false_flag_rate_lung2_normal_slices": float(np.mean(base[~tumour] > scorer.calibration.threshold)),
+        "inserted": {},
+    }
+    fpr, tpr, _ = roc_curve(base, tumour)
+    report["roc"] = {"fpr": fpr.tolist(), "tpr": tpr.tolist()}
+    for kind in ANOMALY_KINDS:
+        wins, pairs = 0, 0
+        for path in sorted(real["inserted"].glob(f"lung2_{KIND_LABELS[kind]}_*.nrrd")):
+            if path.name.endswith("_anomaly.nrrd"):
+                continue
+            _, result = _score(scorer, path)
+            has = _mask(path.with_name(path.name.replace(".nrrd", "_anomaly.nrrd"))).any(axis=(1, 2))
+            wins += int(np.sum(result.slices["normalised"][has] > base[has]))
+            pairs += int(has.sum())
+        report["inserted"][kind] = {"pairs": pairs, "above_unmodified": wins / pairs if pairs else None}
+    return report
+
+
+def write_png(path: Path, results: dict) -> None:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    backends = list(results)
+    columns = list(ANOMALY_KINDS) + ["real CT tumour"]
+    fig = Figure(figsize=(3.2 * len(columns), 3.1 * len(backends)), dpi=90)
+    FigureCanvasAgg(fig)
+    for r, backend in enumerate(backends):
+        res = results[backend]
+        for c, column in enumerate(columns):
+            ax = fig.add_subplot(len(backends), len(columns), r * len(columns) + c + 1)
+            if column in ANOMALY_KINDS:
+                roc, auc = res["phantoms"]["roc"][column], res["phantoms"]["types"][column]["slice_auroc"]
+            else:
+                roc, auc = (res.get("real_ct") or {}).get("roc"), (res.get("real_ct") or {}).get("tumour_auroc")
+            if roc:
+                ax.plot(roc["fpr"], roc["tpr"], color="tab:blue")
+            ax.plot([0, 1], [0, 1], color="0.7", linestyle=":")
+            ax.set_title(f"{backend}: {KIND_LABELS.get(column, column)}\nAUROC {auc:.3f}" if auc is not None
+                         else f"{backend}: {column}", fontsize=9)  # fmt: skip
+            ax.set_xlim(0, 1)
+            ax.set_ylim(0, 1.01)
+            ax.tick_params(labelsize=7)
+            if r == len(backends) - 1:
+                ax.set_xlabel("false-flag rate", fontsize=8)
+            if c == 0:
+                ax.set_ylabel("sensitivity", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+
+
+def markdown(results: dict) -> str:
+    lines = ["| backend | type | slice AUROC | slice AUPRC | pixel AUROC | sensitivity | false-flag rate |",
+             "| --- | --- | --- | --- | --- | --- | --- |"]  # fmt: skip
+
+    def f(v):
+        return "-" if v is None else f"{v:.3f}"
+
+    for backend, res in results.items():
+        ph = res["phantoms"]
+        for kind in ANOMALY_KINDS:
+            t = ph["types"][kind]
+            lines.append(f"| {backend} | {KIND_LABELS[kind]} | {f(t['slice_auroc'])} | {f(t['slice_auprc'])} | "
+                         f"{f(t['pixel_auroc'])} | {f(t['sensitivity'])} | {f(ph['false_flag_rate'])} |")  # fmt: skip
+        real = res.get("real_ct")
+        if real:
+            ins = ", ".join(f"{KIND_LABELS[k]} {f(v['above_unmodified'])}" for k, v in real["inserted"].items())
+            lines.append(f"| {backend} | real CT: lung2 tumour AUROC {f(real['tumour_auroc'])}; inserted above "
+                         f"unmodified: {ins} | | | | | {f(real['false_flag_rate_lung2_normal_slices'])} |")  # fmt: skip
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--minutes", type=float, default=30.0, help="training budget per backend and data set")
+    parser.add_argument("--smoke", action="store_true", help="small data and a 1-minute budget (a quick check)")
+    parser.add_argument("--backends", default=",".join([DEFAULT_BACKEND] + sorted(set(BACKENDS) - {DEFAULT_BACKEND})))
+    parser.add_argument("--no-real-ct", action="store_true", help="phantoms only")
+    parser.add_argument("--replay", help="quality.json of an earlier run: train with its step counts")
+    parser.add_argument("--data", default=str(ROOT / "data" / "quality"))
+    parser.add_argument("--output", default=str(ROOT / "reports" / "quality"))
+    parser.add_argument("--device", default="cpu")
+    args = parser.parse_args(argv)
+    minutes = 1.0 if args.smoke and args.minutes == 30.0 else args.minutes
+    data, out = Path(args.data) / ("smoke" if args.smoke else "full"), Path(args.output)
+    out.mkdir(parents=True, exist_ok=True)
+    replay = {}
+    if args.replay:  # {backend: {"phantoms" | "real_ct": {"steps": {stage: steps}}}}
+        earlier = json.loads(Path(args.replay).read_text())["results"]
+        replay = {b: {k: r.get(f"training_{k}", {}) for k in ("phantoms", "real_ct")} for b, r in earlier.items()}
+    sets = make_phantom_sets(data / "phantoms", args.smoke)
+    real = None
+    if not args.no_real_ct:
+        real = make_real_ct_sets(data / "real_ct", ROOT / "data" / "sample", 1 if args.smoke else 3)
+    results = {}
+    for backend in args.backends.split(","):
+        res = results[backend] = {}
+        steps = {key: replay.get(backend, {}).get(key, {}).get("steps") for key in ("phantoms", "real_ct")}
+        model = out / "models" / f"phantom_{backend}"
+        res["training_phantoms"] = train_backend(backend, sets["train"], model, minutes, steps["phantoms"], args.device)
+        res["phantoms"] = evaluate_phantoms(model, sets, args.device)
+        if real:
+            model = out / "models" / f"lung1_{backend}"
+            res["training_real_ct"] = train_backend(
+                backend, real["train"], model, minutes, steps["real_ct"], args.device
+            )
+            res["real_ct"] = evaluate_real_ct(model, real, args.device)
+        (out / "quality.json").write_text(json.dumps({"minutes": minutes, "smoke": args.smoke, "results": results},
+                                                     indent=1))  # fmt: skip
+        print(markdown({backend: res}), flush=True)
+    write_png(out / "quality.png", results)
+    print(markdown(results))
+    print(f"Report: {out / 'quality.json'} and {out / 'quality.png'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -66,6 +66,26 @@ def test_missing_model_and_missing_gpu_are_reported(tiny_model, phantom_anomalou
         assert rc == EXIT_USAGE and "no CUDA GPU" in capsys.readouterr().err
 
 
+def test_model_names_with_non_ascii_and_line_breaks_give_a_readable_heatmap(tiny_model, phantom_normal_dir,
+                                                                          tmp_path):  # fmt: skip
+    import shutil
+
+    model = tmp_path / "Leber-Modell Größe 2"
+    shutil.copytree(tiny_model, model)
+    meta = json.loads((model / "metadata.json").read_text())
+    meta["name"] = "Leber-Größe\nspace: right-anterior-superior\\x"
+    (model / "metadata.json").write_text(json.dumps(meta))
+    scan = sorted(phantom_normal_dir.glob("normal_000.nrrd"))[0]
+    for m in (model, tiny_model):
+        out = tmp_path / f"out_{m.name[:4]}"
+        assert main(["score", "--model", str(m), "--input", str(scan), "--output", str(out), "--device", "cpu"]) == 0
+    heat = sitk.ReadImage(str(tmp_path / "out_Lebe" / "normal_000_heatmap.nrrd"))
+    assert heat.GetMetaData("anomalyflag_model") == meta["name"]  # escaped in the header, read back whole
+    assert heat.GetDirection() == sitk.ReadImage(str(scan)).GetDirection()
+    same = sitk.ReadImage(str(tmp_path / "out_tiny" / "normal_000_heatmap.nrrd"))
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(heat), sitk.GetArrayFromImage(same))
+
+
 def test_info_prints_verified_metadata(tiny_model, capsys):
     assert main(["info", "--model", str(tiny_model)]) == 0
     meta = json.loads(capsys.readouterr().out)

@@ -3,6 +3,7 @@
 import numpy as np
 import pytest
 import SimpleITK as sitk
+from AnomalyFlagLib.devices import select_device
 from AnomalyFlagLib.errors import CancelledError, DeviceError, InputError
 from AnomalyFlagLib.geometry import Geometry
 from AnomalyFlagLib.orientation import AxialFrame
@@ -224,4 +225,7 @@ def test_cuda_requested_without_gpu_is_an_error(tiny_model):
         Scorer(tiny_model, device="cuda")
     with pytest.raises(DeviceError, match="unknown device"):
         Scorer(tiny_model, device="tpu")
+    for typo in ("cudafoo", "cuda:", "cuda:x"):
+        with pytest.raises(DeviceError, match=f"unknown device '{typo}'"):
+            select_device(typo)
     assert Scorer(tiny_model, device="auto").device.type in ("cpu", "mps")

@@ -1,5 +1,7 @@
 """Compute device choice: CUDA > MPS > CPU unless the user names one; a missing GPU is an error."""
 
+import re
+
 import torch
 
 from .errors import DeviceError
@@ -23,7 +25,7 @@ def select_device(requested: str = "auto") -> torch.device:
         return torch.device("cpu")
     if requested == "cpu":
         return torch.device("cpu")
-    if requested.startswith("cuda"):
+    if re.fullmatch(r"cuda(:\d+)?", requested):
         if not torch.cuda.is_available():
             build = "a CPU-only build" if torch.version.cuda is None else f"a CUDA {torch.version.cuda} build"
             raise DeviceError(
@@ -47,7 +49,7 @@ def default_batch_size(device: torch.device, image_size: int) -> int:
     """Slices per batch: bounded by GPU memory on CUDA, by cache-friendly sizes on the CPU."""
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
-        per_slice = image_size * image_size * 4 * 400  # activations of E, G and two critic passes, generous
+        per_slice = image_size * image_size * 4 * 400  # the networks' activations, generous
         return int(max(8, min(512, free * 0.5 // per_slice)))
     return 32 if image_size <= 128 else 8
 

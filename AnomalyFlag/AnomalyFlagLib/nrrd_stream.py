@@ -118,6 +118,12 @@ def _vector(values) -> str:
     return "(" + ",".join(repr(float(v)) for v in values) + ")"
 
 
+def header_value(value) -> str:
+    """A key/value text for the NRRD header with backslash and line breaks escaped as the format
+    specifies, so no value can add a header line; written as UTF-8, which ITK and Slicer read back."""
+    return str(value).replace("\\", "\\\\").replace("\n", "\\n").replace("\r", "\\r")
+
+
 class NrrdSlabWriter:
     """Writes a uint8 volume slab by slab into a gzip NRRD; the file appears only on `commit()`."""
 
@@ -140,8 +146,8 @@ class NrrdSlabWriter:
             "encoding: gzip",
             "space origin: " + _vector(geometry.origin),
         ]
-        header += [f"{k}:={v}" for k, v in (key_values or {}).items()]
-        self._file.write(("\n".join(header) + "\n\n").encode("ascii"))
+        header += [f"{header_value(k)}:={header_value(v)}" for k, v in (key_values or {}).items()]
+        self._file.write(("\n".join(header) + "\n\n").encode("utf-8"))
         self._gzip = gzip.GzipFile(fileobj=self._file, mode="wb", compresslevel=1, mtime=0)
         self.written = 0
 

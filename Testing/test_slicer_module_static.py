@@ -33,7 +33,6 @@ TOP_CMAKE = ROOT / "CMakeLists.txt"
 CATALOG_ENTRY = ROOT / "AnomalyFlag.json"
 SCHEMA_NAME = "slicer-extension-catalog-entry-schema-v1.0.2.json"
 PACKAGES = ("AnomalyFlagLib", "AnomalyFlagMRML")
-DEMO_MODEL_FILES = {"metadata.json", "generator.safetensors", "encoder.safetensors", "critic.safetensors"}
 REPOSITORY_URL = "https://github.com/anomalyflag/SlicerAnomalyFlag"
 RAW_URL_PREFIX = "https://raw.githubusercontent.com/anomalyflag/SlicerAnomalyFlag/main/"
 HEAVY_MODULES = {"torch", "monai", "safetensors", "SimpleITK", "AnomalyFlagLib", "AnomalyFlagMRML"}
@@ -436,7 +435,6 @@ def test_demo_model_bundle_is_packaged_where_the_module_looks_for_it():
         and isinstance(node.value, ast.Constant)
     }
     assert constants["DEMO_MODEL_NAME"] == name
-    assert set(sets["MODULE_DEMO_MODEL_FILES"]) == DEMO_MODEL_FILES
     assert sets["MODULE_DEMO_MODEL_RELATIVE_DIR"] == [f"Resources/Models/{name}"]
     source_dir = (
         MODULE_DIR / sets["MODULE_DEMO_MODEL_SOURCE_DIR"][0].replace("${CMAKE_CURRENT_SOURCE_DIR}/", "")
@@ -447,11 +445,12 @@ def test_demo_model_bundle_is_packaged_where_the_module_looks_for_it():
     assert (
         install and install.group(1) == "${Slicer_INSTALL_QTSCRIPTEDMODULES_LIB_DIR}/${MODULE_DEMO_MODEL_RELATIVE_DIR}"
     )
-    missing = sorted(f for f in DEMO_MODEL_FILES if not (source_dir / f).is_file())
-    assert not missing, f"demo model files missing from {source_dir.relative_to(ROOT)}: {missing}"
+    on_disk = {p.name for p in source_dir.iterdir()}
+    packaged = set(sets["MODULE_DEMO_MODEL_FILES"])
+    assert packaged == on_disk, f"packaged {sorted(packaged)}, in {source_dir.relative_to(ROOT)}: {sorted(on_disk)}"
     metadata = json.loads((source_dir / "metadata.json").read_text())
     weights = {entry["file"] for entry in metadata["weights"].values()}
-    assert weights | {"metadata.json"} <= DEMO_MODEL_FILES, "the bundle has weights files that are not packaged"
+    assert weights | {"metadata.json"} <= packaged, "the bundle has weights files that are not packaged"
 
 
 def test_self_test_is_registered_when_testing_is_built():

@@ -5,8 +5,8 @@ A CT phantom with one inserted anomaly is scored by a model bundle (given with -
 benchmark's phantom model, or trained here on normal phantoms with the default backend in --minutes;
 --keep-model keeps it for re-renders), published into a real MRML scene (slicer-core), and the anomaly's
 most anomalous slice is rendered through Slicer's slice pipeline: CT in a soft-tissue window, the anomaly
-heatmap over it and the organ segmentation as outlines. `--kind all` renders one picture per anomaly
-type, named after OUTPUT with the type appended.
+heatmap over it and the organ segmentation as outlines, written to OUTPUT with the anomaly type appended
+(`--kind all`: one picture per type).
 
     python scripts/render_screenshot.py [--model BUNDLE] [--kind all] [--output Resources/Screenshots/slice_view.png]
 """
@@ -65,8 +65,7 @@ def main(argv=None) -> int:
         kinds = ANOMALY_KINDS if args.kind == "all" else (args.kind,)
         for kind in kinds:
             output = Path(args.output)
-            if args.kind == "all":
-                output = output.with_name(f"{output.stem}_{kind}{output.suffix}")
+            output = output.with_name(f"{output.stem}_{kind}{output.suffix}")
             render(model, kind, args.radius_mm or DEFAULT_RADIUS_MM[kind], args.region, args.seed, output, args.size)
     return 0
 

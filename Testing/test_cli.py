@@ -52,12 +52,32 @@ def test_bad_input_fails_clearly_and_leaves_no_complete_looking_output(tiny_mode
     assert "inf.nrrd" in err and "NaN or infinite" in err
     assert "2 of 2 case(s) could not be scored" in err
     assert sorted(p.name for p in out.iterdir()) == []
+    assert "Outputs in" not in capsys.readouterr().out
+
+
+def test_a_failure_part_way_ends_the_progress_line_first():
+    import io
+
+    from AnomalyFlagLib.progress import ProgressBar
+
+    stream = io.StringIO()
+    bar = ProgressBar("score case", stream=stream, interval=0)
+    bar(3, 10)
+    bar.close()
+    stream.write("case: FAILED: reason\n")
+    assert stream.getvalue().splitlines()[-1] == "case: FAILED: reason"
+    bar.close()  # a second close, or one after a finished bar, writes nothing
+    done = ProgressBar("score case", stream=io.StringIO(), interval=0)
+    done(10, 10)
+    done.close()
+    assert done.stream.getvalue().count("\n") == 1
 
 
 def test_missing_model_and_missing_gpu_are_reported(tiny_model, phantom_anomalous_dir, tmp_path, capsys):
     rc = main(["score", "--model", str(tmp_path / "nope"), "--input", str(phantom_anomalous_dir),
                "--output", str(tmp_path / "o")])  # fmt: skip
     assert rc == EXIT_USAGE and "does not exist" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists(), "no output folder for a model that does not load"
     import torch
 
     if not torch.cuda.is_available():

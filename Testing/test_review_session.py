@@ -252,6 +252,11 @@ def test_truncated_and_newer_sidecars_are_refused_and_kept(case_dir):
     data["decisions"][0]["decision"] = "maybe"
     path.write_text(json.dumps(data))
     _refused(case_dir, "damaged")
+    data["decisions"][0]["decision"] = "accepted"
+    for sessions in ("ann", [1, 2], {"reviewer": "ann"}):
+        data["sessions"] = sessions
+        path.write_text(json.dumps(data))
+        _refused(case_dir, "'sessions'")
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -155,8 +155,10 @@ def _score_cases(a, cases, out_dir, progress_label="score"):
 
     scorer = Scorer(a.model, device=a.device, batch_size=a.batch_size)
     labels = [int(v) for v in a.roi_labels.split(",")] if getattr(a, "roi_labels", None) else None
+    Path(out_dir).mkdir(parents=True, exist_ok=True)  # only once the model loaded and the input was found
     results, failures = [], []
     for case in cases:
+        bar = ProgressBar(f"{progress_label} {case.name}")
         try:
             source = open_source(case.image, name=f"volume '{case.image}'")
             sink = NrrdHeatmapSink(case_paths(out_dir, case.name)["heatmap"], source.geometry,
@@ -169,7 +171,7 @@ def _score_cases(a, cases, out_dir, progress_label="score"):
                 roi_margin_mm=getattr(a, "roi_margin_mm", 10.0),
                 name=case.name,
                 heatmap_sink=sink,
-                progress=ProgressBar(f"{progress_label} {case.name}"),
+                progress=bar,
             )
             write_case_files(result, out_dir, extra_summary={"image": str(Path(case.image).resolve())})
             results.append((case, result))
@@ -180,8 +182,10 @@ def _score_cases(a, cases, out_dir, progress_label="score"):
             if getattr(a, "montage", False) and flagged:
                 _write_montage(scorer, case, result, out_dir, roi, labels)
         except CancelledError:
+            bar.close()
             raise
         except AnomalyFlagError as exc:
+            bar.close()
             failures.append((case, exc))
             print(f"{case.name}: FAILED: {exc}", file=sys.stderr)
     return scorer, results, failures
@@ -208,9 +212,9 @@ def _cmd_score(a):
     from .datasets import discover_cases
 
     out_dir = Path(a.output)
-    out_dir.mkdir(parents=True, exist_ok=True)
     _, results, failures = _score_cases(a, discover_cases(a.input, "input"), out_dir)
-    print(f"Outputs in {out_dir}")
+    if results:
+        print(f"Outputs in {out_dir}")
     if failures:
         raise AnomalyFlagError(f"{len(failures)} of {len(results) + len(failures)} case(s) could not be scored.")
 
@@ -267,7 +271,6 @@ def _cmd_worklist(a):
             raise InputError("worklist needs --model and --input to score scans, or --scores to rank scored outputs.")
         from .datasets import discover_cases
 
-        out_dir.mkdir(parents=True, exist_ok=True)
         _, results, failures = _score_cases(a, discover_cases(a.input, "input"), out_dir, progress_label="worklist")
         if not results:
             raise AnomalyFlagError(f"none of the {len(failures)} case(s) could be scored.")

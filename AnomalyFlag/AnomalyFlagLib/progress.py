@@ -16,6 +16,7 @@ class ProgressBar:
         self.start = time.monotonic()
         self.last = 0.0
         self.first = None  # the count at the first call (a resumed run starts part-way)
+        self.open = False  # a line is drawn and not yet ended
 
     def __call__(self, done: int, total: int, info: dict = None) -> None:
         now = time.monotonic()
@@ -33,6 +34,14 @@ class ProgressBar:
         timing = f"{elapsed:5.0f}s elapsed" + (f", ETA {eta:4.0f}s" if math.isfinite(eta) else "")
         line = f"\r{self.label} [{'#' * filled}{'.' * (self.width - filled)}] {done}/{total} {timing}{extra}"
         self.stream.write(line)
-        if done >= total:
+        self.open = done < total
+        if not self.open:
             self.stream.write("\n")
         self.stream.flush()
+
+    def close(self) -> None:
+        """End a bar left part-way (by an error), so the next message starts on its own line."""
+        if self.open:
+            self.stream.write("\n")
+            self.stream.flush()
+            self.open = False

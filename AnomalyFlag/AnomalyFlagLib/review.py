@@ -466,6 +466,9 @@ def _validate_sidecar(path: Path, raw: bytes, case: str) -> dict:
         data["model"]["fingerprint"]
         data["image"]["geometry_sha256"]
         data["scoring"]["summary_sha256"]
+        sessions = data.get("sessions", [])
+        if not isinstance(sessions, list) or not all(isinstance(x, dict) for x in sessions):
+            raise ValueError("'sessions' is not a list of sessions")
     except (KeyError, TypeError, ValueError) as exc:
         raise _damaged(path, f"missing or invalid entry: {exc}") from None
     return data

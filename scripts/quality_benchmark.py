@@ -20,6 +20,7 @@ per type, one row per backend) and prints a Markdown table.
     python scripts/quality_benchmark.py --minutes 120       # the 4x run
     python scripts/quality_benchmark.py --smoke             # a few minutes in all: small data, 1 minute each
     python scripts/quality_benchmark.py --replay reports/quality/quality.json   # the same steps again
+    python scripts/quality_benchmark.py --backends fanogan --no-real-ct         # one backend, phantoms only
 
 Data and seeds are fixed; with a time budget the number of training steps depends on the machine's
 speed, so quality.json records the steps each run made and `--replay` retrains with exactly those steps
@@ -243,7 +244,8 @@ def write_png(path: Path, results: dict) -> None:
         for c, column in enumerate(columns):
             ax = fig.add_subplot(len(backends), len(columns), r * len(columns) + c + 1)
             if column in ANOMALY_KINDS:
-                roc, auc = res["phantoms"]["roc"][column], res["phantoms"]["types"][column]["slice_auroc"]
+                ph = res.get("phantoms") or {"roc": {}, "types": {}}
+                roc, auc = ph["roc"].get(column), ph["types"].get(column, {}).get("slice_auroc")
             else:
                 roc, auc = (res.get("real_ct") or {}).get("roc"), (res.get("real_ct") or {}).get("tumour_auroc")
             if roc:
@@ -270,8 +272,8 @@ def markdown(results: dict) -> str:
         return "-" if v is None else f"{v:.3f}"
 
     for backend, res in results.items():
-        ph = res["phantoms"]
-        for kind in ANOMALY_KINDS:
+        ph = res.get("phantoms") or {"types": {}}
+        for kind in ph["types"]:
             t = ph["types"][kind]
             lines.append(f"| {backend} | {KIND_LABELS[kind]} | {f(t['slice_auroc'])} | {f(t['slice_auprc'])} | "
                          f"{f(t['pixel_auroc'])} | {f(t['sensitivity'])} | {f(ph['false_flag_rate'])} |")  # fmt: skip
@@ -289,6 +291,7 @@ def main(argv=None) -> int:
     parser.add_argument("--smoke", action="store_true", help="small data and a 1-minute budget (a quick check)")
     parser.add_argument("--backends", default=",".join([DEFAULT_BACKEND] + sorted(set(BACKENDS) - {DEFAULT_BACKEND})))
     parser.add_argument("--no-real-ct", action="store_true", help="phantoms only")
+    parser.add_argument("--no-phantoms", action="store_true", help="real CT only")
     parser.add_argument("--replay", help="quality.json of an earlier run: train with its step counts")
     parser.add_argument("--data", default=str(ROOT / "data" / "quality"))
     parser.add_argument("--output", default=str(ROOT / "reports" / "quality"))
@@ -301,7 +304,7 @@ def main(argv=None) -> int:
     if args.replay:  # {backend: {"phantoms" | "real_ct": {"steps": {stage: steps}}}}
         earlier = json.loads(Path(args.replay).read_text())["results"]
         replay = {b: {k: r.get(f"training_{k}", {}) for k in ("phantoms", "real_ct")} for b, r in earlier.items()}
-    sets = make_phantom_sets(data / "phantoms", args.smoke)
+    sets = None if args.no_phantoms else make_phantom_sets(data / "phantoms", args.smoke)
     real = None
     if not args.no_real_ct:
         real = make_real_ct_sets(data / "real_ct", ROOT / "data" / "sample", 1 if args.smoke else 3)
@@ -309,9 +312,12 @@ def main(argv=None) -> int:
     for backend in args.backends.split(","):
         res = results[backend] = {}
         steps = {key: replay.get(backend, {}).get(key, {}).get("steps") for key in ("phantoms", "real_ct")}
-        model = out / "models" / f"phantom_{backend}"
-        res["training_phantoms"] = train_backend(backend, sets["train"], model, minutes, steps["phantoms"], args.device)
-        res["phantoms"] = evaluate_phantoms(model, sets, args.device)
+        if not args.no_phantoms:
+            model = out / "models" / f"phantom_{backend}"
+            res["training_phantoms"] = train_backend(
+                backend, sets["train"], model, minutes, steps["phantoms"], args.device
+            )
+            res["phantoms"] = evaluate_phantoms(model, sets, args.device)
         if real:
             model = out / "models" / f"lung1_{backend}"
             res["training_real_ct"] = train_backend(

@@ -96,23 +96,26 @@ def calibrate_on(bundle: Bundle, slices: SliceSet, num_cases: int, device, targe
     sc.validate()
     spec = InputSpec.from_config(bundle.preprocess)
     names = [c.name for c in bundle.components]
-    raw = {name: [] for name in names}
+    raw, bodies = {name: [] for name in names}, []
     for k0 in range(0, len(slices), CALIBRATION_BATCH):
         x = slices.images[k0 : k0 + CALIBRATION_BATCH].float().to(device)
         pos = slices.positions[k0 : k0 + CALIBRATION_BATCH].to(device)
+        inside = spec.body(x)
         with autocast_for(device):
-            maps = bundle.backend.maps(x, pos, spec.body(x))
+            maps = bundle.backend.maps(x, pos, inside)
         for name in names:
             raw[name].append(maps[name].float().cpu().half())
+        bodies.append(inside.cpu())
     raw = {name: torch.cat(v) for name, v in raw.items()}
-    body = torch.cat([spec.body(slices.images[k0 : k0 + 256].float()) for k0 in range(0, len(slices), 256)])
+    body = torch.cat(bodies)
     size = bundle.preprocess.image_size
     per_pixel = len(torch.unique(slices.case_index)) >= 2
 
     def statistics(keep: torch.Tensor):
         acc = MapStatisticsAccumulator(names, sc.position_bins, size)
-        for k0 in range(0, int(keep.sum()), 256):
-            idx = torch.nonzero(keep).flatten()[k0 : k0 + 256]
+        kept = torch.nonzero(keep).flatten()
+        for k0 in range(0, len(kept), 256):
+            idx = kept[k0 : k0 + 256]
             acc.add({n: raw[n][idx].float() for n in names}, slices.positions[idx], body[idx])
         return acc.finish(sc.pixel_floor, STATISTICS_SIGMA_PX, per_pixel)
 
@@ -120,7 +123,8 @@ def calibrate_on(bundle: Bundle, slices: SliceSet, num_cases: int, device, targe
     pixels = []
     budget = max(1, MAX_CALIBRATION_PIXELS // max(1, (len(slices) + 255) // 256))
     gen = torch.Generator().manual_seed(0)
-    for fit_on, apply_to in zip(_folds(slices), reversed(_folds(slices))):
+    folds = _folds(slices)
+    for fit_on, apply_to in zip(folds, folds[::-1]):
         if not fit_on.any() or not apply_to.any():
             fit_on = apply_to = torch.ones(len(slices), dtype=torch.bool)  # too few slices to split
         bundle.statistics = statistics(fit_on).to(device)

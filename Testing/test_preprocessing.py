@@ -42,6 +42,20 @@ def test_body_centring_puts_the_body_in_the_middle_and_maps_back_exactly():
     assert back[0, 90:, :20].max() == 0.0, "far from the square nothing is painted"
 
 
+def test_body_mask_is_the_patient_with_lungs_filled_and_without_the_table():
+    slab = torch.full((1, 1, 80, 80), -1024.0)
+    slab[0, 0, 10:50, 10:70] = 40.0  # trunk
+    slab[0, 0, 20:40, 18:35] = -850.0  # a lung, enclosed
+    slab[0, 0, 60:66, 2:78] = 100.0  # the table, apart from the patient
+    body = InputSpec.from_config(PreprocessConfig()).body(slab)[0, 0]
+    assert body[20:40, 18:35].all(), "the lung is inside the body"
+    assert body[10:50, 10:70].all() and not body[58:70].any(), "the table is not"
+    # Centring follows the patient, not the patient and the table together.
+    x, _ = SlicePreprocessor(PreprocessConfig(image_size=64, fov_mm=160.0)).to_model(slab[:, 0].numpy(), 2.0, 2.0)
+    trunk_rows = np.nonzero((np.abs(x[0, 0].numpy() - 40.0) < 1).any(axis=1))[0]
+    assert abs(trunk_rows.mean() - 31.5) < 2
+
+
 def test_centring_can_be_switched_off():
     pre = SlicePreprocessor(PreprocessConfig(image_size=64, fov_mm=192.0, centre_on_body=False))
     slab = np.full((1, 96, 96), -1024.0, dtype=np.float32)

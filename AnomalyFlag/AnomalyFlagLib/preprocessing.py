@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import List, Optional, Tuple
 
 import numpy as np
+import SimpleITK as sitk
 import torch
 from monai.transforms import Resize
 
@@ -166,10 +167,25 @@ def volume_reference(source, config: PreprocessConfig, batch: int = 32) -> Optio
 
 
 def body_mask(x: torch.Tensor, level: float) -> torch.Tensor:
-    """Pixels of (n, 1, H, W) slices above `level`, slightly dilated, with enclosed low-density regions
-    (lungs, bowel gas) filled by spanning rows and columns."""
+    """The patient in (n, 1, H, W) slices: the largest connected region above `level`, slightly dilated,
+    with enclosed low-density regions (lungs, bowel gas) filled by spanning rows and columns. Keeping
+    only the largest region drops the CT table, head holders and blankets, which are not anatomy (and
+    also an arm lying apart from the trunk)."""
     tissue = torch.nn.functional.max_pool2d((x > level).float(), 3, stride=1, padding=1) > 0
+    tissue = _largest_region(tissue)
     return _span(tissue, 3) & _span(tissue, 2)
+
+
+def _largest_region(mask: torch.Tensor) -> torch.Tensor:
+    """The largest 8-connected region of each (H, W) slice of an (n, 1, H, W) mask."""
+    out = np.zeros(mask.shape, dtype=bool)
+    for i, plane in enumerate(mask[:, 0].cpu().numpy().astype(np.uint8)):
+        if plane.any():
+            regions = sitk.RelabelComponent(
+                sitk.ConnectedComponent(sitk.GetImageFromArray(plane), True), sortByObjectSize=True
+            )
+            out[i, 0] = sitk.GetArrayViewFromImage(regions) == 1
+    return torch.from_numpy(out).to(mask.device)
 
 
 def _span(mask: torch.Tensor, dim: int) -> torch.Tensor:

@@ -144,6 +144,7 @@ class RestorationBackend(DetectorBackend):
         nets = self.networks()
         run.restore(nets, optimizers)
         mix = (options.clean_share,) + tuple((1 - options.clean_share) * p for p in (0.24, 0.41, 0.18, 0.17))
+        bodies = torch.cat([spec.body(data.images[k : k + 256].float()) for k in range(0, len(data), 256)])
 
         def step(k, fraction):
             for opt in optimizers.values():
@@ -154,10 +155,10 @@ class RestorationBackend(DetectorBackend):
             idx = torch.randint(len(data), (options.batch_size,), generator=gen)
             top = torch.randint(0, size - crop + 1, (options.batch_size,), generator=gen).tolist()
             left = torch.randint(0, size - crop + 1, (options.batch_size,), generator=gen).tolist()
-            x = torch.stack([data.images[i, :, t : t + crop, c : c + crop] for i, t, c in zip(idx.tolist(), top, left)])
-            x = x.float()
+            boxes = list(zip(idx.tolist(), top, left))
+            x = torch.stack([data.images[i, :, t : t + crop, c : c + crop] for i, t, c in boxes]).float()
+            body = torch.stack([bodies[i, :, t : t + crop, c : c + crop] for i, t, c in boxes])
             pos = data.positions[idx].float()
-            body = spec.body(x)
             corrupted, label = corrupt(x, body, spec.intensity_unit, gen, mix, floor=spec.pad_value)
             clean_w, corrupt_w = spec.channels(x), spec.channels(corrupted)
             if options.augment:  # the same geometric transform for clean and corrupted: one call on both

@@ -11,10 +11,14 @@ from typing import List
 
 import numpy as np
 
-from .errors import BundleError, InputError
+from .config import MAX_POSITION_BINS, check_rate, config_from_dict, expect, join_key
+from .errors import InputError
 
+MIN_SLICES = 10
 MIN_SLICES_PER_BIN = 20
 MAD_TO_SIGMA = 1.4826
+MAX_MAGNITUDE = 1e9
+"""Largest magnitude of a calibrated score statistic or threshold (any larger is not from a calibration)."""
 
 
 @dataclass
@@ -36,15 +40,38 @@ class Calibration:
         bins = np.clip(np.searchsorted(edges, positions, side="right") - 1, 0, len(self.medians) - 1)
         return (np.asarray(scores) - np.asarray(self.medians)[bins]) / np.asarray(self.scales)[bins]
 
+    def validate(self) -> None:
+        """Raise FieldError for values no calibration produces (types are checked by `check_config`)."""
+        bins = len(self.medians)
+        expect(1 <= bins <= MAX_POSITION_BINS, "medians", f"1 to {MAX_POSITION_BINS} position bins", self.medians)
+        expect(len(self.scales) == bins, "scales", f"{bins} scales, one per median", self.scales)
+        edges = self.bin_edges
+        expect(len(edges) == bins + 1, "bin_edges", f"{bins + 1} edges for the {bins} medians", edges)
+        expect(edges[0] == 0, join_key("bin_edges", 0), "0 (edges run from 0 to 1)", edges[0])
+        expect(edges[-1] == 1, join_key("bin_edges", bins), "1 (edges run from 0 to 1)", edges[-1])
+        for i in range(1, bins + 1):
+            expect(edges[i] > edges[i - 1], join_key("bin_edges", i), f"an edge above {edges[i - 1]}", edges[i])
+        within = f"a value from -{MAX_MAGNITUDE:g} to {MAX_MAGNITUDE:g}"
+        positive = f"above 0, at most {MAX_MAGNITUDE:g}"
+        for i, (median, scale) in enumerate(zip(self.medians, self.scales)):
+            expect(abs(median) <= MAX_MAGNITUDE, join_key("medians", i), within, median)
+            expect(0 < scale <= MAX_MAGNITUDE, join_key("scales", i), positive, scale)
+        expect(abs(self.threshold) <= MAX_MAGNITUDE, "threshold", within, self.threshold)
+        expect(0 < self.pixel_threshold <= MAX_MAGNITUDE, "pixel_threshold", positive, self.pixel_threshold)
+        check_rate(self.target_false_flag_rate, "target_false_flag_rate")
+        check_rate(self.pixel_false_positive_rate, "pixel_false_positive_rate")
+        observed = self.observed_false_flag_rate
+        expect(0 <= observed <= 1, "observed_false_flag_rate", "a share from 0 to 1", observed)
+        expect(self.num_slices >= MIN_SLICES, "num_slices", f"at least {MIN_SLICES} slices", self.num_slices)
+        expect(self.num_cases >= 1, "num_cases", "at least 1 case", self.num_cases)
+
     def to_dict(self) -> dict:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict) -> "Calibration":
-        try:
-            return cls(**data)
-        except TypeError as exc:
-            raise BundleError(f"calibration in metadata.json is not in this version's format: {exc}") from None
+    def from_dict(cls, data: dict, key: str = "calibration") -> "Calibration":
+        """From metadata; raises FieldError (see `config.config_from_dict`)."""
+        return config_from_dict(cls, data, key)
 
 
 def _robust(values: np.ndarray):
@@ -65,8 +92,8 @@ def calibrate(
     """Calibrate from normal slices' scores, positions and a sample of their anomaly-map body pixels."""
     scores = np.asarray(scores, dtype=float)
     positions = np.asarray(positions, dtype=float)
-    if scores.size < 10:
-        raise InputError(f"calibration needs at least 10 normal slices, got {scores.size}.")
+    if scores.size < MIN_SLICES:
+        raise InputError(f"calibration needs at least {MIN_SLICES} normal slices, got {scores.size}.")
     if not np.isfinite(scores).all():
         raise InputError("calibration scores contain NaN or infinite values.")
     if not 0 < target_false_flag_rate < 0.5:

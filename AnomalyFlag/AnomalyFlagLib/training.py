@@ -93,7 +93,10 @@ def calibrate_on(bundle: Bundle, slices: SliceSet, num_cases: int, device, targe
     sc = bundle.scoring
     if target_rate is not None:
         sc.target_false_flag_rate = float(target_rate)
-    sc.validate()
+    try:
+        sc.validate()
+    except ValueError as exc:
+        raise InputError(f"cannot calibrate: {exc}.") from None
     spec = InputSpec.from_config(bundle.preprocess)
     names = [c.name for c in bundle.components]
     raw, bodies = {name: [] for name in names}, []

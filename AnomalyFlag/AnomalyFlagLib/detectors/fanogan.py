@@ -10,6 +10,7 @@ from typing import Dict
 import torch
 import torch.nn.functional as F
 
+from ..config import expect
 from .augment import augment_batch
 from .base import DetectorBackend, ScoreComponent, TrainingData, TrainingRun, TrainingStage, option
 from .fanogan_networks import FAnoGANArchitecture, build_networks
@@ -25,6 +26,13 @@ class FAnoGANOptions:
     learning_rate: float = option(1e-4, "Adam learning rate (the encoder uses twice this)")
     kappa: float = option(1.0, "weight of the feature term in the encoder loss")
     augment: bool = option(True, "no rotation/scaling/shift/noise augmentation", flag="--no-augment")
+
+    def validate(self) -> None:
+        for name in ("batch_size", "gan_iterations", "encoder_iterations", "critic_steps"):
+            expect(getattr(self, name) >= 1, name, "at least 1", getattr(self, name))
+        expect(0 < self.learning_rate <= 1, "learning_rate", "above 0, at most 1", self.learning_rate)
+        for name in ("gradient_penalty", "kappa"):
+            expect(0 <= getattr(self, name) <= 1e3, name, "0 to 1000", getattr(self, name))
 
 
 class FAnoGANBackend(DetectorBackend):
@@ -49,12 +57,6 @@ class FAnoGANBackend(DetectorBackend):
         size = inputs.image_size
         if size < 64 or size % 16:
             raise ValueError(f"f-AnoGAN needs an image size that is a multiple of 16 from 64 to 512, not {size}")
-        if (
-            architecture.latent_dim < 2
-            or architecture.base_width < 1
-            or architecture.max_width < architecture.base_width
-        ):
-            raise ValueError("latent_dim >= 2 and 1 <= base_width <= max_width are required")
 
     def __init__(self, architecture: FAnoGANArchitecture, inputs):
         super().__init__(architecture, inputs)

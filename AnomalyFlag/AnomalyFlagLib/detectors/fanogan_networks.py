@@ -12,7 +12,11 @@ import torch
 from monai.networks.blocks import Convolution
 from torch import nn
 
+from ..config import expect
 from .base import option
+
+MAX_WIDTH = 1024
+MAX_LATENT = 1024
 
 
 @dataclass
@@ -23,6 +27,12 @@ class FAnoGANArchitecture:
     base_width: int = option(16, "channels of the first critic/encoder convolution")
     max_width: int = option(128, "largest number of channels of any layer")
     condition_on_position: bool = option(True, "do not condition on the slice position", flag="--no-position")
+
+    def validate(self) -> None:
+        expect(2 <= self.latent_dim <= MAX_LATENT, "latent_dim", f"2 to {MAX_LATENT}", self.latent_dim)
+        expect(1 <= self.base_width <= MAX_WIDTH, "base_width", f"1 to {MAX_WIDTH}", self.base_width)
+        expect(self.base_width <= self.max_width <= MAX_WIDTH, "max_width",
+               f"base_width ({self.base_width}) to {MAX_WIDTH}", self.max_width)  # fmt: skip
 
 
 @dataclass

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..config import MAX_POSITION_BINS, expect
 from ..maps import position_bins, smooth
 from .base import DetectorBackend, ScoreComponent, TrainingData, TrainingRun, TrainingStage, option
 
@@ -19,10 +20,19 @@ class NormativeArchitecture:
     std_floor: float = option(0.05, "smallest standard deviation, in window units (a window spans 2)")
     sigma_px: float = option(1.5, "in-plane smoothing of the standard deviation, in pixels")
 
+    def validate(self) -> None:
+        bins = self.position_bins
+        expect(1 <= bins <= MAX_POSITION_BINS, "position_bins", f"1 to {MAX_POSITION_BINS}", bins)
+        expect(0 < self.std_floor <= 2, "std_floor", "above 0, at most 2 (window units)", self.std_floor)
+        expect(0 <= self.sigma_px <= 50, "sigma_px", "0 to 50 pixels", self.sigma_px)
+
 
 @dataclass
 class NormativeOptions:
     batch_size: int = option(64, "slices per accumulation step")
+
+    def validate(self) -> None:
+        expect(self.batch_size >= 1, "batch_size", "at least 1", self.batch_size)
 
 
 class _Statistics(torch.nn.Module):
@@ -42,11 +52,6 @@ class NormativeBackend(DetectorBackend):
     @classmethod
     def tiny(cls):
         return NormativeArchitecture(), NormativeOptions()
-
-    @classmethod
-    def validate(cls, architecture, inputs):
-        if architecture.position_bins < 1 or architecture.std_floor <= 0:
-            raise ValueError("position_bins >= 1 and std_floor > 0 are required")
 
     def __init__(self, architecture: NormativeArchitecture, inputs):
         super().__init__(architecture, inputs)

@@ -20,12 +20,15 @@ from typing import Dict
 import torch
 import torch.nn.functional as F
 
+from ..config import expect
 from .augment import augment_batch
 from .base import DetectorBackend, ScoreComponent, TrainingData, TrainingRun, TrainingStage, option
 from .corruptions import corrupt
 from .restoration_networks import PatchCritic, UNet, UNetDecoder, UNetEncoder, conditioning, widths_for
 
 CONDITION_CHANNELS = 3  # position plane, y and x coordinates
+MAX_LEVELS = 7
+MAX_WIDTH = 2048  # channels of the deepest level
 
 
 @dataclass
@@ -35,6 +38,14 @@ class RestorationArchitecture:
     segmenter_width: int = option(16, "channels of the segmenter's first level")
     critic_width: int = option(16, "channels of the critic's first convolution")
     condition_on_position: bool = option(True, "do not condition on the slice position", flag="--no-position")
+
+    def validate(self) -> None:
+        expect(2 <= self.levels <= MAX_LEVELS, "levels", f"2 to {MAX_LEVELS}", self.levels)
+        most = MAX_WIDTH // 2 ** (self.levels - 1)  # widths double at each level
+        for name in ("base_width", "segmenter_width"):
+            width = getattr(self, name)
+            expect(1 <= width <= most, name, f"1 to {most} for {self.levels} levels", width)
+        expect(1 <= self.critic_width <= MAX_WIDTH // 4, "critic_width", f"1 to {MAX_WIDTH // 4}", self.critic_width)
 
 
 @dataclass
@@ -48,6 +59,14 @@ class RestorationOptions:
     segmentation_weight: float = option(1.0, "weight of the segmenter's loss")
     clean_share: float = option(0.15, "share of crops left uncorrupted")
     augment: bool = option(True, "no rotation/scaling/shift/noise augmentation", flag="--no-augment")
+
+    def validate(self) -> None:
+        for name in ("iterations", "batch_size", "crop_size"):
+            expect(getattr(self, name) >= 1, name, "at least 1", getattr(self, name))
+        expect(0 < self.learning_rate <= 1, "learning_rate", "above 0, at most 1", self.learning_rate)
+        for name in ("adversarial_weight", "feature_weight", "segmentation_weight"):
+            expect(0 <= getattr(self, name) <= 1e3, name, "0 to 1000", getattr(self, name))
+        expect(0 <= self.clean_share <= 1, "clean_share", "a share from 0 to 1", self.clean_share)
 
 
 class RestorationBackend(DetectorBackend):
@@ -70,12 +89,9 @@ class RestorationBackend(DetectorBackend):
 
     @classmethod
     def validate(cls, architecture, inputs):
-        if architecture.levels < 2 or inputs.image_size % 2 ** (architecture.levels - 1):
-            raise ValueError(
-                f"image size {inputs.image_size} must be divisible by 2^(levels-1) for {architecture.levels} levels"
-            )
-        if min(architecture.base_width, architecture.segmenter_width, architecture.critic_width) < 1:
-            raise ValueError("network widths must be positive")
+        levels, size = architecture.levels, inputs.image_size
+        fits = 2 <= levels <= MAX_LEVELS and size % 2 ** (levels - 1) == 0
+        expect(fits, "levels", f"levels such that 2^(levels-1) divides the image size {size}", levels)
 
     def __init__(self, architecture: RestorationArchitecture, inputs):
         super().__init__(architecture, inputs)

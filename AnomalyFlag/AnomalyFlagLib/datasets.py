@@ -19,7 +19,7 @@ from .orientation import relative_positions, slice_positions_mm
 from .preprocessing import SlicePreprocessor, volume_reference
 from .roi import roi_on_image_grid
 from .slice_source import open_source
-from .volume_io import case_name, find_cases
+from .volume_io import case_name, find_cases, refuse_duplicate_case_names
 
 MASK_SUFFIXES = ("_label", "_mask", "_anomaly", "_lesion")
 COMPANION_SUFFIXES = ("_organs", "_heatmap")
@@ -72,7 +72,10 @@ def discover_cases(path, name: str = "training input") -> List[Case]:
     for f in files:
         stem = case_name(f)
         if stem.endswith(MASK_SUFFIXES):
-            masks[stem.rsplit("_", 1)[0]] = f
+            key = stem.rsplit("_", 1)[0]
+            if key in masks:
+                raise InputError(f"{name} '{path}' holds two masks for case '{key}': '{masks[key]}' and '{f}'.")
+            masks[key] = f
         elif not stem.endswith(COMPANION_SUFFIXES):
             images.append(f)
     if not images:
@@ -81,12 +84,20 @@ def discover_cases(path, name: str = "training input") -> List[Case]:
 
 
 def roi_for_case(case: Case, roi: Optional[Path], single: bool) -> Optional[Path]:
-    """The ROI file for a case: `roi` itself when it is a file (or there is one case), otherwise the file in
-    folder `roi` named <case>.seg.nrrd, <case>_seg.*, <case>_organs.* or <case>.*; None if there is none."""
+    """The ROI file for a case: `roi` itself when it is a file and there is a `single` case, otherwise the
+    file in folder `roi` named <case>.seg.nrrd, <case>_seg.*, <case>_organs.* or <case>.*; None if there is
+    none. One ROI file for several cases is refused: each case needs its own segmentation."""
     if not roi:
         return None
     roi = Path(roi)
-    if roi.is_file() or single:
+    if not roi.exists():
+        raise InputError(f"ROI '{roi}' does not exist.")
+    if roi.is_file():
+        if not single:
+            raise InputError(
+                f"ROI '{roi}' is one file, but the input holds several cases; give a folder of "
+                "<case>.seg.nrrd or <case>_seg.* files, one per case."
+            )
         return roi
     for f in sorted(roi.iterdir()):
         if case_name(f) in (case.name, f"{case.name}.seg", f"{case.name}_seg", f"{case.name}_organs"):
@@ -112,6 +123,7 @@ def _datalist_cases(path: Path) -> List[Case]:
         image = (path.parent / entry["image"]).resolve()
         mask = entry.get("label") or entry.get("mask")
         cases.append(Case(case_name(image), image, (path.parent / mask).resolve() if mask else None))
+    refuse_duplicate_case_names([c.image for c in cases], f"datalist '{path}'")
     return cases
 
 

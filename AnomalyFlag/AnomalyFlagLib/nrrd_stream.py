@@ -6,15 +6,16 @@ files (raw or gzip encoding) sequentially. Geometry always comes from SimpleITK'
 
 import gzip
 import os
-import zlib
 from pathlib import Path
 from typing import Dict, Optional
 
 import numpy as np
 
+from .errors import InputError
 from .geometry import Geometry
+from .volume_io import CheckedStream, VoxelData, check_data_length, check_voxel_data
 
-_NRRD_TYPES = {
+NRRD_TYPES = {
     "signed char": "i1", "int8": "i1", "int8_t": "i1",
     "uchar": "u1", "unsigned char": "u1", "uint8": "u1", "uint8_t": "u1",
     "short": "i2", "short int": "i2", "signed short": "i2", "signed short int": "i2", "int16": "i2",
@@ -46,56 +47,58 @@ def read_header(path) -> Optional[Dict[str, str]]:
 
 
 class NrrdSlabReader:
-    """Sequential reader of k-slabs from a 3D NRRD with raw or gzip encoding."""
+    """Sequential reader of k-slabs from a 3D NRRD with raw or gzip encoding.
 
-    def __init__(self, path, fields: Dict[str, str]):
+    gzip data is verified (CRC-32 and length) when the last slice is read, and raw data's length when the
+    reader opens, so a damaged file raises an InputError naming it before its last slab is returned."""
+
+    def __init__(self, path, fields: Dict[str, str], name: Optional[str] = None):
         self.path = Path(path)
+        self.name = name or f"NRRD file '{self.path}'"
         sizes = [int(s) for s in fields["sizes"].split()]
         self.columns, self.rows, self.num_slices = sizes
         endian = "<" if fields.get("endian", "little") == "little" else ">"
-        self.dtype = np.dtype(endian + _NRRD_TYPES[fields["type"].lower()])
+        self.dtype = np.dtype(endian + NRRD_TYPES[fields["type"].lower()])
         self.encoding = fields.get("encoding", "raw").lower()
         self.offset = int(fields["_data_offset"])
         self.slice_bytes = self.columns * self.rows * self.dtype.itemsize
         self._next = 0
         self._file = None
-        self._inflate = None
-        self._buffer = b""
+        self._stream: Optional[CheckedStream] = None
+        if self.encoding == "raw":
+            check_voxel_data(self.path, self.name)
 
     @classmethod
-    def open(cls, path) -> Optional["NrrdSlabReader"]:
+    def open(cls, path, name: Optional[str] = None) -> Optional["NrrdSlabReader"]:
         """A reader, or None when the file is not a plain single-file 3D scalar NRRD this reader handles."""
         fields = read_header(path)
         if not fields or fields.get("dimension") != "3" or "data file" in fields or "datafile" in fields:
             return None
-        if fields.get("type", "").lower() not in _NRRD_TYPES:
+        if fields.get("type", "").lower() not in NRRD_TYPES:
             return None
         if fields.get("encoding", "raw").lower() not in ("raw", "gzip", "gz"):
             return None
-        if int(fields.get("line skip", 0) or 0) or int(fields.get("byte skip", 0) or 0):
+        try:
+            if int(fields.get("line skip", 0) or 0) or int(fields.get("byte skip", 0) or 0):
+                return None
+            sizes = [int(s) for s in fields["sizes"].split()]
+        except (KeyError, ValueError):
+            return None  # a header ITK reads differently, if at all: leave it to ITK
+        if len(sizes) != 3:
             return None
-        return cls(path, fields)
+        return cls(path, fields, name)
 
     def _restart(self):
         self.close()
         self._file = open(self.path, "rb")
         self._file.seek(self.offset)
-        self._inflate = zlib.decompressobj(16 + zlib.MAX_WBITS) if self.encoding != "raw" else None
-        self._buffer = b""
+        self._stream = CheckedStream(self._file, self.name, "gzip") if self.encoding != "raw" else None
         self._next = 0
 
     def _take(self, nbytes: int) -> bytes:
-        if self._inflate is None:
-            data = self._file.read(nbytes)
-        else:
-            while len(self._buffer) < nbytes:
-                chunk = self._file.read(1 << 20)
-                if not chunk:
-                    break
-                self._buffer += self._inflate.decompress(chunk)
-            data, self._buffer = self._buffer[:nbytes], self._buffer[nbytes:]
+        data = self._file.read(nbytes) if self._stream is None else self._stream.read(nbytes)
         if len(data) != nbytes:
-            raise OSError(f"'{self.path}' ends before its last slice (truncated file)")
+            raise InputError(f"{self.name} is truncated: its voxel data ends before its last slice.")
         return data
 
     def read(self, k0: int, k1: int) -> np.ndarray:
@@ -106,12 +109,17 @@ class NrrdSlabReader:
             self._take((k0 - self._next) * self.slice_bytes)
         data = self._take((k1 - k0) * self.slice_bytes)
         self._next = k1
+        if k1 == self.num_slices and self._stream is not None:
+            nbytes = self.num_slices * self.slice_bytes
+            layout = VoxelData(self.path, self.offset, "gzip", nbytes, self.slice_bytes)
+            check_data_length(nbytes + self._stream.read_to_end(), layout, self.name)
         return np.frombuffer(data, dtype=self.dtype).reshape(k1 - k0, self.rows, self.columns)
 
     def close(self):
         if self._file is not None:
             self._file.close()
             self._file = None
+            self._stream = None
 
 
 def _vector(values) -> str:
@@ -148,7 +156,7 @@ class NrrdSlabWriter:
         ]
         header += [f"{header_value(k)}:={header_value(v)}" for k, v in (key_values or {}).items()]
         self._file.write(("\n".join(header) + "\n\n").encode("utf-8"))
-        self._gzip = gzip.GzipFile(fileobj=self._file, mode="wb", compresslevel=1, mtime=0)
+        self._gzip = gzip.GzipFile(filename="", fileobj=self._file, mode="wb", compresslevel=1, mtime=0)
         self.written = 0
 
     def write(self, slab: np.ndarray) -> None:

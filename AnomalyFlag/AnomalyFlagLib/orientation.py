@@ -6,7 +6,7 @@ axis permutation and flips, so numpy views carry it both ways without copying or
 """
 
 from dataclasses import dataclass
-from typing import Tuple
+from typing import Optional, Tuple
 
 import numpy as np
 
@@ -75,6 +75,55 @@ class AxialFrame:
         if self.flip_columns:
             out = out[:, :, ::-1]
         return out if self.order[1] == 1 else np.swapaxes(out, 1, 2)
+
+
+MIN_SLICE_PIXELS = 16
+"""Fewest rows and columns of an axial slice. Clinical slices have 64 or more (low-resolution MR); 16
+still admits small synthetic volumes, and anything smaller is a thumbnail, an icon or a test pattern."""
+MIN_FIELD_OF_VIEW_MM = 10.0
+MAX_FIELD_OF_VIEW_MM = 1000.0
+"""The in-plane extent of a slice (mm) in each direction: CT bores and MR fields of view are well below
+a metre, and a slice narrower than a centimetre is a header whose spacing is not in millimetres."""
+
+
+def check_slice_stack(geometry: Geometry, name: str, frame: Optional[AxialFrame] = None) -> None:
+    """Refuse geometry that cannot be a CT or MR slice stack (whatever the model): spacing that is not a
+    positive number of millimetres, a degenerate direction matrix, axial slices of fewer than
+    MIN_SLICE_PIXELS rows or columns, or an in-plane extent outside MIN_FIELD_OF_VIEW_MM to
+    MAX_FIELD_OF_VIEW_MM. Resampling such slices to a model's pixel size would give nonsense or, for huge
+    extents, exhaust memory."""
+    spacing = np.asarray(geometry.spacing, dtype=float)
+    if not (np.isfinite(spacing).all() and (spacing > 0).all()):
+        shown = " x ".join(f"{s:g}" for s in spacing)
+        raise InputError(f"{name} has voxel spacing {shown} mm; every spacing must be a positive number of mm.")
+    direction = geometry.direction_matrix
+    if not (np.isfinite(direction).all() and abs(np.linalg.det(direction)) > 1e-3):
+        raise InputError(f"{name} has an invalid direction matrix {tuple(geometry.direction)}: its axes are not 3D.")
+    frame = frame or AxialFrame.from_geometry(geometry)
+    rows = geometry.size[2 - frame.order[1]]
+    columns = geometry.size[2 - frame.order[2]]
+    if min(rows, columns) < MIN_SLICE_PIXELS:
+        raise InputError(
+            f"{name} has axial slices of {rows} x {columns} pixels; a CT or MR slice has at least "
+            f"{MIN_SLICE_PIXELS} x {MIN_SLICE_PIXELS}."
+        )
+    height, width = rows * frame.row_spacing, columns * frame.column_spacing
+    extent = f"{_mm(height)} x {_mm(width)} mm ({rows} x {columns} pixels of {_mm(frame.row_spacing)} x "
+    extent += f"{_mm(frame.column_spacing)} mm)"
+    if max(height, width) > MAX_FIELD_OF_VIEW_MM:
+        raise InputError(
+            f"{name} has axial slices of {extent}, larger than any scanner's field of view "
+            f"({MAX_FIELD_OF_VIEW_MM:g} mm); is the pixel spacing in its header right?"
+        )
+    if min(height, width) < MIN_FIELD_OF_VIEW_MM:
+        raise InputError(
+            f"{name} has axial slices of only {extent}, smaller than any CT or MR field of view "
+            f"({MIN_FIELD_OF_VIEW_MM:g} mm); is the pixel spacing in its header in millimetres?"
+        )
+
+
+def _mm(value: float) -> str:
+    return f"{value:.1f}".rstrip("0").rstrip(".") if abs(value) >= 1 else f"{value:.3g}"
 
 
 def slice_positions_mm(geometry: Geometry, frame: AxialFrame) -> np.ndarray:

@@ -13,17 +13,19 @@ import SimpleITK as sitk
 from .errors import InputError
 from .geometry import Geometry
 from .nrrd_stream import NrrdSlabReader
-from .orientation import AxialFrame
-from .volume_io import read_image, validate_image, validate_volume_array
+from .orientation import AxialFrame, check_slice_stack
+from .volume_io import check_voxel_data, itk_reason, read_image, validate_image, validate_volume_array
 
 
 class SliceSource:
-    """Oriented axial slabs (slice, row, column) of one volume, read in increasing slice order."""
+    """Oriented axial slabs (slice, row, column) of one volume, read in increasing slice order; geometry
+    that cannot be a CT or MR slice stack is refused on opening (`check_slice_stack`)."""
 
     def __init__(self, name: str, geometry: Geometry):
         self.name = name
         self.geometry = geometry
         self.frame = AxialFrame.from_geometry(geometry)
+        check_slice_stack(geometry, name, self.frame)
         shape = np.transpose(np.empty(geometry.size[::-1], dtype=np.uint8), self.frame.order).shape
         self.num_slices, self.rows, self.columns = shape
         self._lo, self._hi = np.inf, -np.inf
@@ -35,6 +37,11 @@ class SliceSource:
             raise InputError(f"{self.name} contains NaN or infinite voxels ({bad} in slices {k0}-{k1 - 1}).")
         self._lo, self._hi = min(self._lo, slab.min()), max(self._hi, slab.max())
         return slab
+
+    @property
+    def value_range(self):
+        """The lowest and highest voxel value read so far."""
+        return float(self._lo), float(self._hi)
 
     def check_not_constant(self) -> None:
         """Raise if every voxel read so far had the same value (call after reading all slices)."""
@@ -87,7 +94,7 @@ class ItkExtractSource(SliceSource):
         try:
             return self.frame.orient_slab(sitk.GetArrayFromImage(self.reader.Execute()))
         except RuntimeError as exc:
-            raise InputError(f"{self.name} cannot be read: {str(exc).strip().splitlines()[-1]}") from None
+            raise InputError(f"{self.name} cannot be read: {itk_reason(exc)}") from None
 
 
 def _itk_streams(path: Path) -> bool:
@@ -126,7 +133,8 @@ def open_source(
         try:
             reader.ReadImageInformation()
         except RuntimeError as exc:
-            raise InputError(f"{name} cannot be read as an image: {str(exc).strip().splitlines()[-1]}") from None
+            check_voxel_data(path, name)  # a damaged compressed file says so, rather than "no reader"
+            raise InputError(f"{name} cannot be read as an image: {itk_reason(exc)}") from None
         if reader.GetDimension() != 3:
             raise InputError(f"{name} has {reader.GetDimension()} dimensions; a 3D volume is needed.")
         if reader.GetNumberOfComponents() != 1:
@@ -141,12 +149,15 @@ def open_source(
         )
         if min(geometry.size) == 0:
             raise InputError(f"{name} is empty (size {geometry.size}).")
+        check_slice_stack(geometry, name)  # before any voxel is read
         if AxialFrame.from_geometry(geometry).slices_along_k:
             if path.name.lower().endswith((".nrrd", ".nhdr")):
-                slab_reader = NrrdSlabReader.open(path)
-                if slab_reader is not None:
+                slab_reader = NrrdSlabReader.open(path, name)
+                shape = None if slab_reader is None else (slab_reader.columns, slab_reader.rows, slab_reader.num_slices)
+                if shape == geometry.size:
                     return NrrdStreamSource(slab_reader, geometry, name)
             elif _itk_streams(path):
+                check_voxel_data(path, name)
                 return ItkExtractSource(reader, geometry, name)
     image = read_image(path, name)
     validate_image(image, name)

@@ -503,13 +503,17 @@ class AnomalyFlagWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             result = outputs["result"]
             self._showChart(outputs["chart"])
             flagged = self._populateFlaggedList(outputs["table"], result)
-            self._setStatus(
-                _("Done: {flagged} of {total} slices flagged ({seconds} s).").format(
-                    flagged=len(flagged),
-                    total=len(result.slices),
-                    seconds=result.timings.get("total", "?"),
-                )
+            status = _("Done: {flagged} of {total} slices flagged ({seconds} s).").format(
+                flagged=len(flagged),
+                total=len(result.slices),
+                seconds=result.timings.get("total", "?"),
             )
+            if result.warnings:
+                logging.warning("AnomalyFlag: %s", result.warning_text())
+                status += " " + _("Warning: this scan does not look like the model's training data: {reasons}.").format(
+                    reasons="; ".join(result.warnings)
+                )
+            self._setStatus(status)
 
     @staticmethod
     def _showChart(chartNode) -> None:

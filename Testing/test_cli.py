@@ -136,3 +136,32 @@ def test_installed_entry_point_runs(phantom_anomalous_dir, tmp_path):
     assert proc.returncode == EXIT_USAGE
     assert "anomalyflag score: error: model bundle" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_bad_roi_arguments_are_refused_by_name(tiny_model, phantom_normal_dir, tmp_path, capsys):
+    import pytest
+
+    scan = str(phantom_normal_dir / "normal_000.nrrd")
+    base = ["score", "--model", str(tiny_model), "--input", scan, "--output", str(tmp_path / "o")]
+    cases = [("--roi-labels", "abc", "integer labels"), ("--roi-labels", "1,0", "positive"),
+             ("--roi-margin-mm", "-5", "outside 0 to 200"), ("--roi-margin-mm", "nan", "outside"),
+             ("--roi-margin-mm", "1e9", "outside"), ("--roi-margin-mm", "ten", "not a number")]  # fmt: skip
+    for option, value, problem in cases:
+        with pytest.raises(SystemExit) as stop:
+            main(base + [option, value])
+        err = capsys.readouterr().err
+        assert stop.value.code == EXIT_USAGE and option in err and problem in err, err
+    assert not (tmp_path / "o").exists()
+
+
+def test_a_margin_given_to_the_library_is_checked_too(tiny_model, phantom_anomalous_dir):
+    import pytest
+    from AnomalyFlagLib.errors import InputError
+    from AnomalyFlagLib.scoring import Scorer
+
+    scan = phantom_anomalous_dir / "anomalous_000.nrrd"
+    roi = phantom_anomalous_dir / "anomalous_000_organs.nrrd"
+    with pytest.raises(InputError, match="ROI margin nan mm is outside"):
+        Scorer(tiny_model, device="cpu").score(scan, roi=roi, roi_margin_mm=float("nan"))
+    with pytest.raises(InputError, match="ROI labels"):
+        Scorer(tiny_model, device="cpu").score(scan, roi=roi, roi_labels=["liver"])

@@ -105,3 +105,12 @@ def test_corruptions_stay_in_the_body_and_label_what_changed():
         assert float(out.min()) >= spec.pad_value
     clean, label = corrupt(x, body, spec.intensity_unit, gen, (1.0, 0, 0, 0, 0))
     assert torch.equal(clean, x) and not label.any()
+
+
+def test_slices_far_larger_than_the_model_field_of_view_are_refused_before_resampling():
+    from AnomalyFlagLib.errors import InputError
+
+    pre = SlicePreprocessor(PreprocessConfig(image_size=64, fov_mm=50.0))
+    pre.check_fits(512, 512, 0.7, 0.7, "volume 'knee.nrrd'")  # 358 mm: 7 fields of view, still accepted
+    with pytest.raises(InputError, match=r"volume 'big.nrrd' has slices of 973 x 973 mm.*1245 x 1245 pixels"):
+        pre.check_fits(512, 512, 1.9, 1.9, "volume 'big.nrrd'")

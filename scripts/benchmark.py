@@ -46,7 +46,7 @@ def measure(model: str, volume: str, out: str, device: str, batch_size) -> dict:
     """Run in a child process: score one volume to files, as `anomalyflag score` does."""
     sys.path.insert(0, str(ROOT / "AnomalyFlag"))
     import torch
-    from AnomalyFlagLib.outputs import case_paths, heatmap_key_values, write_case_files
+    from AnomalyFlagLib.outputs import CaseOutputs, heatmap_key_values
     from AnomalyFlagLib.scoring import NrrdHeatmapSink, Scorer
     from AnomalyFlagLib.slice_source import open_source
     from torch.utils.flop_counter import FlopCounterMode
@@ -60,9 +60,10 @@ def measure(model: str, volume: str, out: str, device: str, batch_size) -> dict:
     flops_per_slice = counter.get_total_flops() / scorer.batch_size
     start = time.perf_counter()
     source = open_source(volume)
-    sink = NrrdHeatmapSink(case_paths(out, "bench")["heatmap"], source.geometry, heatmap_key_values("bench", 0.0))
-    result = scorer.score(source, name="bench", heatmap_sink=sink)
-    write_case_files(result, out)
+    with CaseOutputs(out, "bench") as outputs:
+        sink = NrrdHeatmapSink(outputs.path("heatmap"), source.geometry, heatmap_key_values("bench", 0.0))
+        result = scorer.score(source, name="bench", heatmap_sink=sink)
+        outputs.publish(result)
     seconds = time.perf_counter() - start
     n = len(result.slices)
     return {

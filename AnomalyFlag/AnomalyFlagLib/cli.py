@@ -16,6 +16,29 @@ def _add_device(p):
     p.add_argument("--device", default="auto", help="auto (CUDA > MPS > CPU), cpu, cuda, cuda:N or mps")
 
 
+def _label_values(text: str):
+    try:
+        values = [int(v) for v in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"'{text}' is not a comma-separated list of integer labels, e.g. 1,3"
+        ) from None
+    if any(v <= 0 for v in values):
+        raise argparse.ArgumentTypeError(f"'{text}': label values are positive (0 is the background)")
+    return values
+
+
+def _margin_mm(text: str) -> float:
+    from .roi import check_margin_mm
+
+    try:
+        return check_margin_mm(float(text))
+    except (ValueError, AnomalyFlagError) as exc:
+        raise argparse.ArgumentTypeError(
+            str(exc) if isinstance(exc, AnomalyFlagError) else f"'{text}' is not a number"
+        ) from None
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="anomalyflag",
@@ -84,8 +107,12 @@ def _parser() -> argparse.ArgumentParser:
         help="segmentation or label map restricting flags and heatmap (one input volume), "
         "or a folder holding <case>.seg.nrrd / <case>_seg.* / <case>_organs.* files",
     )
-    p.add_argument("--roi-labels", help="comma-separated label values of the ROI (default: any non-zero)")
-    p.add_argument("--roi-margin-mm", type=float, default=10.0)
+    p.add_argument(
+        "--roi-labels", type=_label_values, help="comma-separated label values of the ROI (default: any non-zero)"
+    )
+    p.add_argument(
+        "--roi-margin-mm", type=_margin_mm, default=10.0, help="margin around the ROI, 0 to 200 mm (default 10)"
+    )
     p.add_argument("--batch-size", type=int, default=None, help="slices per batch (default: by device)")
     p.add_argument("--montage", action="store_true", help="also write <case>_flagged.png of the top flagged slices")
     _add_device(p)
@@ -148,39 +175,35 @@ def _cmd_calibrate(a):
 
 def _score_cases(a, cases, out_dir, progress_label="score"):
     from .datasets import roi_for_case
-    from .outputs import case_paths, heatmap_key_values, write_case_files
+    from .outputs import CaseOutputs, prepare_output_dir
     from .progress import ProgressBar
-    from .scoring import NrrdHeatmapSink, Scorer
-    from .slice_source import open_source
+    from .scoring import Scorer
 
+    if getattr(a, "roi", None):
+        roi_for_case(cases[0], a.roi, len(cases) == 1)  # one ROI file for several cases fails here, once
     scorer = Scorer(a.model, device=a.device, batch_size=a.batch_size)
-    labels = [int(v) for v in a.roi_labels.split(",")] if getattr(a, "roi_labels", None) else None
-    Path(out_dir).mkdir(parents=True, exist_ok=True)  # only once the model loaded and the input was found
+    prepare_output_dir(out_dir)  # only once the model loaded and the input was found
+    labels = getattr(a, "roi_labels", None)
     results, failures = [], []
     for case in cases:
         bar = ProgressBar(f"{progress_label} {case.name}")
         try:
-            source = open_source(case.image, name=f"volume '{case.image}'")
-            sink = NrrdHeatmapSink(case_paths(out_dir, case.name)["heatmap"], source.geometry,
-                                   heatmap_key_values(scorer.bundle.name, scorer.calibration.threshold))  # fmt: skip
-            roi = roi_for_case(case, getattr(a, "roi", None), len(cases) == 1)
-            result = scorer.score(
-                source,
-                roi=roi,
-                roi_labels=labels,
-                roi_margin_mm=getattr(a, "roi_margin_mm", 10.0),
-                name=case.name,
-                heatmap_sink=sink,
-                progress=bar,
-            )
-            write_case_files(result, out_dir, extra_summary={"image": str(Path(case.image).resolve())})
+            with CaseOutputs(out_dir, case.name) as outputs:
+                roi = roi_for_case(case, getattr(a, "roi", None), len(cases) == 1)
+                result = outputs.score(scorer, case.image, roi=roi, roi_labels=labels, progress=bar,
+                                       roi_margin_mm=getattr(a, "roi_margin_mm", 10.0))  # fmt: skip
+                if getattr(a, "montage", False) and result.flagged_indices:
+                    _write_montage(scorer, case, result, outputs, roi, labels)
+                outputs.publish(result, extra_summary={"image": str(Path(case.image).resolve())})
             results.append((case, result))
             flagged = result.flagged_indices
             print(f"{case.name}: {len(flagged)} of {len(result.slices)} slices flagged"
                   f"{': ' + ', '.join(map(str, flagged)) if flagged else ''}"
                   f" ({result.timings['total']:.1f} s on {result.device})")  # fmt: skip
-            if getattr(a, "montage", False) and flagged:
-                _write_montage(scorer, case, result, out_dir, roi, labels)
+            if result.warnings:
+                print(f"{case.name}: WARNING: {result.warning_text()}", file=sys.stderr)
+            if outputs.images:
+                print(f"{case.name}: montage of the top flagged slices in {Path(out_dir) / outputs.images[0]}")
         except CancelledError:
             bar.close()
             raise
@@ -191,21 +214,19 @@ def _score_cases(a, cases, out_dir, progress_label="score"):
     return scorer, results, failures
 
 
-def _write_montage(scorer, case, result, out_dir, roi, labels):
+def _write_montage(scorer, case, result, outputs, roi, labels):
     import SimpleITK as sitk
 
     from .montage import display_window, write_flagged_montage
-    from .outputs import case_paths
     from .roi import roi_on_image_grid
     from .volume_io import read_image
 
     image = sitk.GetArrayFromImage(read_image(case.image))
-    heat = sitk.GetArrayFromImage(sitk.ReadImage(str(case_paths(out_dir, case.name)["heatmap"])))
+    heat = sitk.GetArrayFromImage(sitk.ReadImage(str(outputs.path("heatmap"))))
     mask = roi_on_image_grid(roi, result.geometry, labels) if roi is not None else None
     pre = scorer.bundle.preprocess
-    path = write_flagged_montage(Path(out_dir) / f"{case.name}_flagged.png", image, heat, result, mask,
-                                 window=display_window(pre, image))  # fmt: skip
-    print(f"{case.name}: montage of the top flagged slices in {path}")
+    write_flagged_montage(outputs.image_path(f"{case.name}_flagged.png"), image, heat, result, mask,
+                          window=display_window(pre, image))  # fmt: skip
 
 
 def _cmd_score(a):
@@ -259,6 +280,7 @@ def _add_active_learning_parsers(sub):
 def _cmd_worklist(a):
     from .active_learning import WORKLIST_NAME, rank_cases, write_worklist
     from .errors import InputError
+    from .outputs import prepare_output_dir
 
     out_dir = Path(a.output)
     failures = []
@@ -276,8 +298,7 @@ def _cmd_worklist(a):
             raise AnomalyFlagError(f"none of the {len(failures)} case(s) could be scored.")
         paths = {case.name: str(Path(case.image).resolve()) for case, _ in results}
         rows = rank_cases(out_dir, case_paths=paths, images_dir=a.images, cases=list(paths))
-    out_dir.mkdir(parents=True, exist_ok=True)
-    path = write_worklist(rows, out_dir / WORKLIST_NAME)
+    path = write_worklist(rows, prepare_output_dir(out_dir) / WORKLIST_NAME)
     for r in rows[:10]:
         print(f"{r['rank']:>4}  {r['case']}: max score {r['max_normalised_score']:.2f}, "
               f"{r['flagged_slices']} flagged, mean anomalous share {r['mean_anomaly_fraction']:.3f}")  # fmt: skip
@@ -328,6 +349,10 @@ def main(argv=None) -> int:
         return EXIT_CANCELLED
     except AnomalyFlagError as exc:
         print(f"anomalyflag {args.command}: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except OSError as exc:  # the file system refused (permission, full disk, a file where a folder should be)
+        where = f"'{exc.filename}': " if exc.filename else ""
+        print(f"anomalyflag {args.command}: error: {where}{exc.strerror or exc}.", file=sys.stderr)
         return EXIT_USAGE
     return 0
 

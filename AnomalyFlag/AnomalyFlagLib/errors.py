@@ -23,3 +23,7 @@ class CancelledError(AnomalyFlagError):
 
 class SessionError(AnomalyFlagError):
     """A review session sidecar cannot be opened or written."""
+
+
+class OutputError(AnomalyFlagError):
+    """An output folder or file cannot be created or written (no permission, full disk, not a folder)."""

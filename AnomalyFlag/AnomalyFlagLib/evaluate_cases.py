@@ -15,7 +15,7 @@ import torch
 from .datasets import discover_cases
 from .errors import InputError
 from .evaluation import PixelAccumulator, slice_metrics, write_report_json, write_report_png
-from .outputs import write_case_files
+from .outputs import CaseOutputs, prepare_output_dir
 from .preprocessing import body_mask, volume_reference
 from .roi import roi_on_image_grid
 from .scoring import HEATMAP_SCALE, Scorer
@@ -38,16 +38,18 @@ def evaluate_folder(model, input_path, output, device: str = "auto", batch_size:
     unlabelled = [c.name for c in cases if c.mask is None]
     if unlabelled:
         raise InputError(f"evaluation needs a ground-truth mask for every case; none for {', '.join(unlabelled)}.")
-    (output / "cases").mkdir(parents=True, exist_ok=True)
     scorer = Scorer(model, device=device, batch_size=batch_size)
+    prepare_output_dir(output)
+    prepare_output_dir(output / "cases")
     body_hu = scorer.bundle.preprocess.body_threshold
     pixels = PixelAccumulator(max_value=255 * HEATMAP_SCALE, n_bins=256, dice_thresholds=(1.0,))
     scores, labels, per_case = [], [], []
     for case in cases:
         image = read_image(case.image, f"volume '{case.image}'")
         source = open_source(image, name=f"volume '{case.image}'")
-        result = scorer.score(source, name=case.name)
-        write_case_files(result, output / "cases")
+        with CaseOutputs(output / "cases", case.name) as outputs:
+            result = scorer.score(source, name=case.name)
+            outputs.publish(result)
         truth = source.frame.view(roi_on_image_grid(case.mask, source.geometry, name=f"mask '{case.mask}'",
                                                     allow_empty=True))  # fmt: skip
         heat = source.frame.view(result.heatmap).astype(np.float32) * HEATMAP_SCALE

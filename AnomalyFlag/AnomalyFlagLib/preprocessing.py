@@ -19,8 +19,10 @@ import torch
 from monai.transforms import Resize
 
 from .config import PreprocessConfig
+from .errors import InputError
 
 AIR_HU = -1024.0
+MAX_SCALE = 8
 
 
 def _plain(t) -> torch.Tensor:
@@ -88,6 +90,17 @@ class SlicePreprocessor:
             return self.size, self.size
         pixel = self.config.fov_mm / self.size
         return max(1, round(rows * row_spacing / pixel)), max(1, round(columns * column_spacing / pixel))
+
+    def check_fits(self, rows: int, columns: int, row_spacing: float, column_spacing: float, name: str) -> None:
+        """Refuse slices that would resample to more than MAX_SCALE times the model's field of view per
+        side: far larger than the anatomy the model was made for, and a memory blow-up."""
+        shape = self.scaled_shape(rows, columns, row_spacing, column_spacing)
+        if max(shape) > MAX_SCALE * self.size:
+            raise InputError(
+                f"{name} has slices of {rows * row_spacing:.0f} x {columns * column_spacing:.0f} mm, more than "
+                f"{MAX_SCALE} times the model's field of view ({self.config.fov_mm:g} mm); at the model's pixel "
+                f"size each would be {shape[0]} x {shape[1]} pixels. Is this the scan the model was made for?"
+            )
 
     def to_model(
         self,

@@ -67,10 +67,35 @@ def _paste_cropped(array, roi_geometry: Geometry, geometry: Geometry, name: str)
     return array
 
 
+MAX_MARGIN_MM = 200.0
+
+
+def check_margin_mm(margin_mm) -> float:
+    """The ROI margin as a float in [0, MAX_MARGIN_MM] mm, or an InputError saying what is wrong."""
+    try:
+        value = float(margin_mm)
+    except (TypeError, ValueError):
+        raise InputError(f"ROI margin {margin_mm!r} is not a number of millimetres.") from None
+    if not 0.0 <= value <= MAX_MARGIN_MM:  # also refuses NaN
+        raise InputError(f"ROI margin {margin_mm!r} mm is outside 0 to {MAX_MARGIN_MM:g} mm.")
+    return value
+
+
+def check_labels(labels) -> Optional[list]:
+    """ROI label values as a list of positive ints (None: any non-zero), or an InputError."""
+    if labels is None:
+        return None
+    values = list(labels)
+    if not values or any(isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v <= 0 for v in values):
+        raise InputError(f"ROI labels {values!r} must be positive integers (0 is the background).")
+    return [int(v) for v in values]
+
+
 class RoiSlabs:
     """Dilated ROI slabs in the scoring orientation; dilation is separable (max is separable)."""
 
     def __init__(self, mask: np.ndarray, geometry: Geometry, margin_mm: float):
+        margin_mm = check_margin_mm(margin_mm)
         frame = AxialFrame.from_geometry(geometry)
         self.view = frame.view(mask)
         slice_spacing = geometry.spacing[frame.slice_ijk_axis]

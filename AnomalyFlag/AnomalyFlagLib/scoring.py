@@ -16,13 +16,15 @@ import torch
 
 from .bundle import Bundle, load_bundle
 from .devices import autocast_for, default_batch_size, select_device
+from .distribution import MESSAGE as DISTRIBUTION_MESSAGE
+from .distribution import distribution_warnings
 from .errors import CancelledError, InputError
 from .geometry import Geometry
 from .maps import neighbour_max
 from .nrrd_stream import NrrdSlabWriter
 from .orientation import AxialFrame, relative_positions, slice_positions_mm
 from .preprocessing import SlicePreprocessor, volume_reference
-from .roi import RoiSlabs, roi_on_image_grid
+from .roi import RoiSlabs, check_labels, roi_on_image_grid
 from .slice_source import SliceSource, open_source
 from .slice_table import COLUMN_DESCRIPTIONS, SliceTable, slice_columns
 
@@ -48,6 +50,15 @@ class CaseResult:
     roi: Optional[dict] = None
     timings: Dict[str, float] = field(default_factory=dict)
     device: str = "cpu"
+    warnings: List[str] = field(default_factory=list)  # why the scan looks unlike the training data
+
+    @property
+    def out_of_distribution(self) -> bool:
+        return bool(self.warnings)
+
+    def warning_text(self) -> str:
+        """One sentence for the user, empty when the scan looks like the training data."""
+        return f"{DISTRIBUTION_MESSAGE}: {'; '.join(self.warnings)}." if self.warnings else ""
 
     def with_threshold(self, threshold: float) -> "CaseResult":
         """The same result flagged at another normalised-score threshold (a user override)."""
@@ -85,6 +96,8 @@ class CaseResult:
             "columns": self.slices.descriptions,
             "slice_axis": "voxel axis closest to superior-inferior; index is the voxel index along it",
             "roi": self.roi,
+            "out_of_distribution": self.out_of_distribution,
+            "warnings": [self.warning_text()] if self.warnings else [],
             "device": self.device,
             "timings_s": self.timings,
         }
@@ -191,10 +204,12 @@ class Scorer:
     def _score_source(self, source, sink, roi, roi_labels, roi_margin_mm, progress, cancel) -> CaseResult:
         geometry, frame = source.geometry, source.frame
         n = source.num_slices
+        self.pre.check_fits(source.rows, source.columns, frame.row_spacing, frame.column_spacing, source.name)
         z_mm = slice_positions_mm(geometry, frame)
         positions = relative_positions(z_mm)
         roi_slabs = None
         if roi is not None:
+            roi_labels = check_labels(roi_labels)
             mask = roi_on_image_grid(roi, geometry, roi_labels)
             roi_slabs = RoiSlabs(mask, geometry, roi_margin_mm)
         cal = self.calibration
@@ -245,6 +260,8 @@ class Scorer:
         columns.update({"score": values["score"], "score_from": score_from, "normalised": normalised,
                         "flagged": flagged, "in_roi": in_roi, "anomaly_fraction": frac})  # fmt: skip
         table = SliceTable({c: columns[c] for c in self.columns}, self.descriptions)
+        warnings = distribution_warnings(self.bundle.preprocess.modality, source.value_range[0], normalised,
+                                         cal.threshold, in_roi)  # fmt: skip
         roi_info = None
         if roi_slabs is not None:
             roi_info = {"labels": list(roi_labels) if roi_labels else "any non-zero", "margin_mm": roi_margin_mm,
@@ -259,4 +276,5 @@ class Scorer:
             roi=roi_info,
             timings={"compute": round(compute_s, 3)},
             device=str(self.device),
+            warnings=warnings,
         )

@@ -152,13 +152,13 @@ def _loadSegmentation(scene, roiPath, referenceNode, geometry):
     return segmentationNode
 
 
-def _caseSnapshots(scene, case, result, heatmapPath, roiPath, outputFolder, size):
-    """Load a scored case into `scene`, write one PNG per flagged slice, then remove what was loaded."""
+def _caseSnapshots(scene, case, result, outputs, roiPath, size):
+    """Load a scored case into `scene`, stage one PNG per flagged slice in `outputs` (a CaseOutputs),
+    then remove what was loaded."""
     from AnomalyFlagLib.geometry import Geometry
     from AnomalyFlagLib.volume_io import read_image
 
     before = _nodeIds(scene)
-    written = []
     try:
         image = read_image(case.image, f"volume '{case.image}'")
         geometry = Geometry.from_image(image)
@@ -166,7 +166,7 @@ def _caseSnapshots(scene, case, result, heatmapPath, roiPath, outputFolder, size
         updateVolumeNodeFromArray(volume, sitk.GetArrayViewFromImage(image), geometry)
         del image
         heat = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", f"{case.name} anomaly heatmap")
-        heatArray = sitk.GetArrayFromImage(sitk.ReadImage(str(heatmapPath)))
+        heatArray = sitk.GetArrayFromImage(sitk.ReadImage(str(outputs.path("heatmap"))))
         updateVolumeNodeFromArray(heat, heatArray.astype(np.uint8), geometry)
         copyVolumeGeometry(volume, heat)
         heat.SetAttribute(ATTR_SCALE, repr(float(result.heatmap_scale)))
@@ -174,12 +174,10 @@ def _caseSnapshots(scene, case, result, heatmapPath, roiPath, outputFolder, size
         segmentationNode = _loadSegmentation(scene, roiPath, volume, geometry) if roiPath else None
         normalised = result.slices["normalised"]
         for index in result.flagged_indices:
-            path = Path(outputFolder) / f"{case.name}_slice{index}.png"
+            path = outputs.image_path(f"{case.name}_slice{index}.png")
             renderSliceSnapshot(volume, heat, segmentationNode, index, path, size=size, score=float(normalised[index]))
-            written.append(path)
     finally:
         removeNodesAddedSince(scene, before)
-    return written
 
 
 def scoreFolder(modelPath, inputFolder, outputFolder, device="auto", batchSize=None, snapshots=True, progress=None,
@@ -194,15 +192,12 @@ def scoreFolder(modelPath, inputFolder, outputFolder, device="auto", batchSize=N
     the whole folder; `cancel()` stops with CancelledError (finished cases keep their files).
     """
     from AnomalyFlagLib.datasets import discover_cases, roi_for_case
-    from AnomalyFlagLib.outputs import case_paths, heatmap_key_values, write_case_files
-    from AnomalyFlagLib.scoring import NrrdHeatmapSink
-    from AnomalyFlagLib.slice_source import open_source
+    from AnomalyFlagLib.outputs import CaseOutputs, prepare_output_dir
 
     log = log or logging.info
     cases = discover_cases(inputFolder, "input")
-    outputFolder = Path(outputFolder)
-    outputFolder.mkdir(parents=True, exist_ok=True)
     scorer = getScorer(modelPath, device, batchSize)
+    outputFolder = prepare_output_dir(outputFolder)
     scene = slicer.mrmlScene if snapshots and slicer.mrmlScene is not None else None
     if snapshots and scene is None:
         scene = slicer.vtkMRMLScene()
@@ -217,25 +212,23 @@ def scoreFolder(modelPath, inputFolder, outputFolder, device="auto", batchSize=N
                 progress(1000 * ci + int(900 * done / max(count, 1)), total)
 
         try:
-            source = open_source(case.image, name=f"volume '{case.image}'")
-            paths = case_paths(outputFolder, case.name)
-            sink = NrrdHeatmapSink(paths["heatmap"], source.geometry,
-                                   heatmap_key_values(scorer.bundle.name, scorer.calibration.threshold))  # fmt: skip
-            roiPath = roi_for_case(case, roiFolder, len(cases) == 1)
-            result = scorer.score(source, roi=roiPath, roi_labels=roiLabels, roi_margin_mm=roiMarginMm,
-                                  name=case.name, heatmap_sink=sink, progress=caseProgress, cancel=cancel)  # fmt: skip
-            extra = {"image": str(Path(case.image).resolve())}  # as `anomalyflag score` records it
-            paths = write_case_files(result, outputFolder, extra_summary=extra)
-            shots = []
-            if snapshots and result.flagged_indices:
-                shots = _caseSnapshots(scene, case, result, paths["heatmap"], roiPath, outputFolder, snapshotSize)
+            with CaseOutputs(outputFolder, case.name) as outputs:
+                roiPath = roi_for_case(case, roiFolder, len(cases) == 1)
+                result = outputs.score(scorer, case.image, roi=roiPath, roi_labels=roiLabels, roi_margin_mm=roiMarginMm,
+                                       progress=caseProgress, cancel=cancel)  # fmt: skip
+                if snapshots and result.flagged_indices:
+                    _caseSnapshots(scene, case, result, outputs, roiPath, snapshotSize)
+                extra = {"image": str(Path(case.image).resolve())}  # as `anomalyflag score` records it
+                published = outputs.publish(result, extra_summary=extra)
             summary = result.summary()
-            summary["files"] = {k: p.name for k, p in paths.items()}
+            summary["files"] = {k: p.name for k, p in published.items() if k in ("slices", "heatmap", "summary")}
             summary.update(extra)
-            summary["snapshots"] = [p.name for p in shots]
+            summary["snapshots"] = list(outputs.images)
             flagged = result.flagged_indices
             log(f"{case.name}: {len(flagged)} of {len(result.slices)} slices flagged"
                 f"{': ' + ', '.join(map(str, flagged)) if flagged else ''}")  # fmt: skip
+            if result.warnings:
+                log(f"{case.name}: WARNING: {result.warning_text()}")
         except CancelledError:
             raise
         except AnomalyFlagError as exc:

@@ -12,10 +12,9 @@ from AnomalyFlagLib.datasets import Case, discover_cases, roi_for_case
 from AnomalyFlagLib.errors import InputError
 from AnomalyFlagLib.geometry import Geometry
 from AnomalyFlagLib.nrrd_stream import read_header
-from AnomalyFlagLib.phantom import make_phantom
+from AnomalyFlagLib.phantom import make_phantom, write_dicom_series
 from AnomalyFlagLib.slice_source import open_source
 from AnomalyFlagLib.volume_io import read_image
-from test_dicom_input import write_dicom_series
 
 
 @pytest.fixture(scope="module")

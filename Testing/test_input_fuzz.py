@@ -11,8 +11,7 @@ import pytest
 import SimpleITK as sitk
 from AnomalyFlagLib.cli import main
 from AnomalyFlagLib.nrrd_stream import read_header
-from AnomalyFlagLib.phantom import make_phantom
-from test_dicom_input import write_dicom_series
+from AnomalyFlagLib.phantom import make_phantom, write_dicom_series
 
 SEED = 20260801
 PER_KIND = {"header flip": 2, "data flip": 2, "truncation": 1, "deletion": 1}

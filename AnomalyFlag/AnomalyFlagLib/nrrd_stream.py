@@ -13,7 +13,7 @@ import numpy as np
 
 from .errors import InputError
 from .geometry import Geometry
-from .volume_io import CheckedStream, VoxelData, check_data_length, check_voxel_data
+from .voxel_data import CheckedStream, VoxelData, check_data_length, check_voxel_data
 
 NRRD_TYPES = {
     "signed char": "i1", "int8": "i1", "int8_t": "i1",

@@ -727,3 +727,32 @@ def make_phantom_set(
         paths = phantom.save(folder, name)
         cases.append({"name": name, "seed": case_seed, **paths, "anomalies": phantom.anomalies})
     return cases
+
+
+def write_dicom_series(image: sitk.Image, folder, series_uid: str = "1.2.826.0.1.3680043.2.1125.1.99.1") -> Path:
+    """Write a CT volume as a DICOM series, one slice per file, with the tags that place each slice in
+    space (position, orientation, spacing, rescale) as a scanner writes them."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    writer = sitk.ImageFileWriter()
+    writer.KeepOriginalImageUIDOn()
+    direction = image.GetDirection()
+    for k in range(image.GetSize()[2]):
+        plane = image[:, :, k]
+        tags = {
+            "0008|0060": "CT",
+            "0020|000e": series_uid,
+            "0020|000d": series_uid + ".0",
+            "0020|0032": "\\".join(map(str, image.TransformIndexToPhysicalPoint((0, 0, k)))),
+            "0020|0037": "\\".join(map(str, direction[0:7:3] + direction[1:8:3])),
+            "0020|0013": str(k + 1),
+            "0028|0030": f"{image.GetSpacing()[1]}\\{image.GetSpacing()[0]}",
+            "0018|0050": str(image.GetSpacing()[2]),
+            "0028|1052": "0",
+            "0028|1053": "1",
+        }
+        for key, value in tags.items():
+            plane.SetMetaData(key, value)
+        writer.SetFileName(str(folder / f"slice{k:03d}.dcm"))
+        writer.Execute(plane)
+    return folder

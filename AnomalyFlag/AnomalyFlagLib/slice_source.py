@@ -10,11 +10,12 @@ from typing import Optional, Union
 import numpy as np
 import SimpleITK as sitk
 
-from .errors import InputError
+from .errors import InputError, itk_reason
 from .geometry import Geometry
 from .nrrd_stream import NrrdSlabReader
 from .orientation import AxialFrame, check_slice_stack
-from .volume_io import check_voxel_data, itk_reason, read_image, validate_image, validate_volume_array
+from .volume_io import read_image, validate_image, validate_volume_array
+from .voxel_data import check_voxel_data
 
 
 class SliceSource:

@@ -9,7 +9,6 @@ folders, partial files) are removed when the next run prepares the folder.
 
 import csv
 import errno
-import hashlib
 import io
 import json
 import math
@@ -20,6 +19,7 @@ from pathlib import Path
 from typing import Dict, List, Optional
 
 from .atomic_files import fsync_dir, write_text_atomic
+from .bundle import sha256_of
 from .errors import OutputError
 from .scoring import HEATMAP_SCALE, CaseResult
 
@@ -131,14 +131,6 @@ def _process_alive(pid: int) -> bool:
     return True
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 class CaseOutputs:
     """One case's output files, staged and then published as one set (see the module docstring).
 
@@ -219,7 +211,7 @@ class CaseOutputs:
         summary["files"] = {k: self.final[k].name for k in kinds + ["summary"]}
         if self.images:
             summary["files"]["images"] = list(self.images)
-        summary["sha256"] = {name: _sha256(self.staging / name) for name in names}
+        summary["sha256"] = {name: sha256_of(self.staging / name) for name in names}
         summary.update(extra_summary or {})
         write_json(self.path("summary"), summary)
         for old in self._published():

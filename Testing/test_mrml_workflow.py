@@ -311,3 +311,19 @@ def test_score_folder_writes_the_cli_files_and_snapshots(mrml_scene, phantom_ano
     assert pngs == sorted(expected_pngs) and pngs, "no flagged slice in the anomalous phantoms"
     png = sitk.ReadImage(str(out / pngs[0]))
     assert png.GetSize() == (192, 192) and png.GetNumberOfComponentsPerPixel() == 3
+
+
+def test_score_folder_reports_a_scan_unlike_the_training_data(mrml_scene, phantom_normal_dir, tiny_model, tmp_path):
+    from AnomalyFlagMRML.workflow import scoreFolder
+
+    scans = tmp_path / "scans"
+    scans.mkdir()
+    image = sitk.ReadImage(str(phantom_normal_dir / "normal_000.nrrd"))
+    mr_like = sitk.Cast(image, sitk.sitkFloat32) + 1024.0  # no air near -1000 HU, as on MR
+    sitk.WriteImage(mr_like, str(scans / "mr_like.nrrd"))
+    shutil.copy(phantom_normal_dir / "normal_000.nrrd", scans)
+    lines = []
+    summaries = {s["case"]: s for s in scoreFolder(tiny_model, scans, tmp_path / "out", device="cpu",
+                                                    snapshots=False, log=lines.append)}  # fmt: skip
+    assert summaries["mr_like"]["out_of_distribution"] and not summaries["normal_000"]["out_of_distribution"]
+    assert [line for line in lines if "WARNING" in line] == [f"mr_like: WARNING: {summaries['mr_like']['warnings'][0]}"]

@@ -69,10 +69,10 @@ def test_a_rerun_replaces_the_whole_set_and_lists_it_with_checksums(tmp_path):
     (folder / "case1_slice3.png").write_bytes(b"old snapshot")
     (folder / "case10_flagged.png").write_bytes(b"another case")
     (folder / "case1_review.json").write_text("{}")  # the radiologist's work is not a score output
-    paths = write_case_files(CaseResult("case1", *_synthetic_parts()), folder)
+    write_case_files(CaseResult("case1", *_synthetic_parts()), folder)
     names = sorted(p.name for p in folder.iterdir())
     assert names == ["case10_flagged.png", "case1_review.json", "case1_slices.csv", "case1_summary.json"]
-    summary = json.loads(paths["summary"].read_text())
+    summary = json.loads((folder / "case1_summary.json").read_text())
     assert summary["files"] == {"slices": "case1_slices.csv", "summary": "case1_summary.json"}
     assert summary["sha256"] == {"case1_slices.csv": _digest(folder / "case1_slices.csv")}
     assert summary["model_fingerprint"] == "fingerprint-b"

@@ -17,15 +17,16 @@ def _add_device(p):
 
 
 def _label_values(text: str):
+    from .roi import check_labels
+
     try:
-        values = [int(v) for v in text.split(",")]
+        return check_labels([int(v) for v in text.split(",")])
     except ValueError:
         raise argparse.ArgumentTypeError(
             f"'{text}' is not a comma-separated list of integer labels, e.g. 1,3"
         ) from None
-    if any(v <= 0 for v in values):
-        raise argparse.ArgumentTypeError(f"'{text}': label values are positive (0 is the background)")
-    return values
+    except AnomalyFlagError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _margin_mm(text: str) -> float:

@@ -16,7 +16,7 @@ import os
 import re
 import shutil
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import List, Optional
 
 from .atomic_files import fsync_dir, write_text_atomic
 from .bundle import sha256_of
@@ -194,9 +194,9 @@ class CaseOutputs:
         sink = NrrdHeatmapSink(self.path("heatmap"), source.geometry, key_values)
         return scorer.score(source, name=self.case, heatmap_sink=sink, **options)
 
-    def publish(self, result: CaseResult, extra_summary: Optional[dict] = None) -> Dict[str, Path]:
+    def publish(self, result: CaseResult, extra_summary: Optional[dict] = None) -> dict:
         """Write the CSV (and the heatmap when it was kept in memory) and the summary, replace the case's
-        previous files by the new set, and return the published paths."""
+        previous files by the new set, and return the summary as written (its "files" name the set)."""
         if result.heatmap is not None:
             from .volume_io import write_image_atomic
 
@@ -219,10 +219,7 @@ class CaseOutputs:
         for name in names + [self.final["summary"].name]:
             os.replace(self.staging / name, self.out_dir / name)
         fsync_dir(self.out_dir)
-        return {
-            **{k: self.final[k] for k in summary["files"] if k != "images"},
-            **{n: self.out_dir / n for n in self.images},
-        }
+        return summary
 
     def _published(self) -> List[Path]:
         """The case's score outputs now on disk, its summary first."""
@@ -239,7 +236,8 @@ class CaseOutputs:
         return [p for p in paths if p.is_file() and p.parent == self.out_dir]
 
 
-def write_case_files(result: CaseResult, out_dir, extra_summary: Optional[dict] = None) -> Dict[str, Path]:
-    """Publish a scored case kept in memory (heatmap included) as one set; see CaseOutputs."""
+def write_case_files(result: CaseResult, out_dir, extra_summary: Optional[dict] = None) -> dict:
+    """Publish a scored case kept in memory (heatmap included) as one set and return its summary; see
+    CaseOutputs."""
     with CaseOutputs(prepare_output_dir(out_dir), result.name) as outputs:
         return outputs.publish(result, extra_summary)

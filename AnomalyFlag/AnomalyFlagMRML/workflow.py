@@ -219,10 +219,7 @@ def scoreFolder(modelPath, inputFolder, outputFolder, device="auto", batchSize=N
                 if snapshots and result.flagged_indices:
                     _caseSnapshots(scene, case, result, outputs, roiPath, snapshotSize)
                 extra = {"image": str(Path(case.image).resolve())}  # as `anomalyflag score` records it
-                published = outputs.publish(result, extra_summary=extra)
-            summary = result.summary()
-            summary["files"] = {k: p.name for k, p in published.items() if k in ("slices", "heatmap", "summary")}
-            summary.update(extra)
+                summary = outputs.publish(result, extra_summary=extra)
             summary["snapshots"] = list(outputs.images)
             flagged = result.flagged_indices
             log(f"{case.name}: {len(flagged)} of {len(result.slices)} slices flagged"

@@ -252,7 +252,7 @@ def write_png(path: Path, results: dict) -> None:
                 ax.plot(roc["fpr"], roc["tpr"], color="tab:blue")
             ax.plot([0, 1], [0, 1], color="0.7", linestyle=":")
             ax.set_title(f"{backend}: {KIND_LABELS.get(column, column)}\nAUROC {auc:.3f}" if auc is not None
-                         else f"{backend}: {column}", fontsize=9)  # fmt: skip
+                         else f"{backend}: {KIND_LABELS.get(column, column)}\nnot in this run", fontsize=9)  # fmt: skip
             ax.set_xlim(0, 1)
             ax.set_ylim(0, 1.01)
             ax.tick_params(labelsize=7)

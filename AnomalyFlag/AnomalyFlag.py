@@ -1010,7 +1010,7 @@ class AnomalyFlagLogic(ScriptedLoadableModuleLogic):
     # ------------------------------------------------------------------ review loop (console API)
     #
     # One case at a time: openReview() starts or resumes the review session of a scored case (the
-    # sidecar <case>_review.json next to its outputs, see AnomalyFlagLib.review); acceptSlice(),
+    # sidecar <case>_review.json next to its outputs, see AnomalyFlagLib.review.session); acceptSlice(),
     # skipSlice() and startRecontour()/finishRecontour() record decisions, each saved to the sidecar
     # before returning and mirrored in the decisions table node. loadWorklist()/nextCase()/
     # previousCase() walk a worklist folder (worklist.csv from `anomalyflag worklist`). Errors are the
@@ -1039,7 +1039,7 @@ class AnomalyFlagLogic(ScriptedLoadableModuleLogic):
 
     @property
     def reviewSession(self):
-        """The open ReviewSession (AnomalyFlagLib.review), or None."""
+        """The open ReviewSession (AnomalyFlagLib.review.session), or None."""
         return self._review["session"] if self._review is not None else None
 
     @property
@@ -1078,7 +1078,7 @@ class AnomalyFlagLogic(ScriptedLoadableModuleLogic):
         :param segmentationNode, segmentId: the automatic segmentation and the segment to recontour (ID or
             name; None: the segment reviewed before, else the first). Its labelmaps must lie on the
             volume's voxel grid.
-        :param order: "auto", "normalised" or "roi" (see AnomalyFlagLib.review.ReviewSession.open).
+        :param order: "auto", "normalised" or "roi" (see AnomalyFlagLib.review.session.ReviewSession.open).
         :returns: the ReviewSession; the decisions table node (``decisionsTableNode``) follows it.
 
         Raises SessionError/InputError (missing outputs, a sidecar from another model or image, a damaged
@@ -1086,7 +1086,7 @@ class AnomalyFlagLogic(ScriptedLoadableModuleLogic):
         sidecar is then left unchanged and the previously open review stays closed.
         """
         from AnomalyFlagLib.geometry import Geometry
-        from AnomalyFlagLib.review import ReviewSession, read_case_outputs
+        from AnomalyFlagLib.review.session import ReviewSession, read_case_outputs
 
         errors = self._errors()
         outputFolder = pathlib.Path(str(outputFolder))
@@ -1343,7 +1343,7 @@ class AnomalyFlagLogic(ScriptedLoadableModuleLogic):
         scene; with a reviewer name (or one used before) its review is opened too, recontouring the
         segment named `segmentName` (else the one reviewed before, else the first segment). Returns
         dict(case, index, volume, heatmap, segmentation) of the loaded case."""
-        from AnomalyFlagLib.active_learning import WORKLIST_NAME, read_worklist
+        from AnomalyFlagLib.review.active_learning import WORKLIST_NAME, read_worklist
 
         errors = self._errors()
         folder = pathlib.Path(str(folder))

@@ -19,7 +19,7 @@ from AnomalyFlagLib.detectors import (
     option,
     register_backend,
 )
-from AnomalyFlagLib.slice_table import LEADING_COLUMNS, TRAILING_COLUMNS
+from AnomalyFlagLib.results import LEADING_COLUMNS, TRAILING_COLUMNS
 from conftest import TINY_SIZE
 
 

@@ -1,4 +1,4 @@
-"""Tests for AnomalyFlagLib.evaluation: slice/pixel metrics and reports."""
+"""Tests for AnomalyFlagLib.evaluation.metrics: slice/pixel metrics and reports."""
 
 import json
 import math
@@ -13,7 +13,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "AnomalyFlag"))
 
 from AnomalyFlagLib.errors import InputError  # noqa: E402
-from AnomalyFlagLib.evaluation import (  # noqa: E402
+from AnomalyFlagLib.evaluation.metrics import (  # noqa: E402
     PixelAccumulator,
     roc_curve,
     slice_metrics,

@@ -16,10 +16,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from AnomalyFlagLib import outputs as outputs_module
 from AnomalyFlagLib.cli import EXIT_USAGE, main
 from AnomalyFlagLib.errors import OutputError
-from AnomalyFlagLib.outputs import CaseOutputs, prepare_output_dir, write_case_files
+from AnomalyFlagLib.io import scored_case as outputs_module
+from AnomalyFlagLib.io.scored_case import CaseOutputs, prepare_output_dir, write_case_files
 from conftest import ROOT
 from review_support import make_case_outputs
 

@@ -6,9 +6,9 @@ import pytest
 import torch
 from AnomalyFlagLib.config import PreprocessConfig
 from AnomalyFlagLib.detectors.corruptions import FAMILIES, corrupt
+from AnomalyFlagLib.io.slice_source import open_source
 from AnomalyFlagLib.phantom import make_phantom
 from AnomalyFlagLib.preprocessing import InputSpec, SlicePreprocessor, volume_reference
-from AnomalyFlagLib.slice_source import open_source
 
 
 def test_default_ct_windows_show_a_30_hu_lesion_and_a_stent():

@@ -8,19 +8,19 @@ from pathlib import Path
 import numpy as np
 import pytest
 import SimpleITK as sitk
-from AnomalyFlagLib.active_learning import (
+from AnomalyFlagLib.cli import main
+from AnomalyFlagLib.errors import InputError
+from AnomalyFlagLib.geometry import Geometry
+from AnomalyFlagLib.phantom import ORGAN_LABELS
+from AnomalyFlagLib.review.active_learning import (
     WORKLIST_COLUMNS,
     export_training_datalist,
     rank_cases,
     read_worklist,
     worklist_csv,
 )
-from AnomalyFlagLib.cli import main
-from AnomalyFlagLib.errors import InputError
-from AnomalyFlagLib.geometry import Geometry
-from AnomalyFlagLib.label_versions import write_new_version
-from AnomalyFlagLib.phantom import ORGAN_LABELS
-from AnomalyFlagLib.review import ReviewSession, slice_change
+from AnomalyFlagLib.review.label_versions import write_new_version
+from AnomalyFlagLib.review.session import ReviewSession, slice_change
 from review_support import make_case_outputs
 
 
@@ -174,7 +174,7 @@ def test_review_then_export_training(scored, tmp_path):
     assert meta["cases_reviewed"] == 2 and meta["cases_exported"] == 1 and meta["skipped"] == []
 
     # readable as a MONAI datalist and as an AnomalyFlag training input
-    from AnomalyFlagLib.datasets import discover_cases
+    from AnomalyFlagLib.io.datasets import discover_cases
     from monai.data import load_decathlon_datalist
 
     items = load_decathlon_datalist(str(datalist_path), is_segmentation=True, data_list_key="training")

@@ -4,15 +4,15 @@ import numpy as np
 import pytest
 from AnomalyFlagLib.errors import InputError, SessionError
 from AnomalyFlagLib.geometry import Geometry
-from AnomalyFlagLib.label_versions import (
+from AnomalyFlagLib.orientation import AxialFrame
+from AnomalyFlagLib.review.label_versions import (
     latest_version,
     list_versions,
     next_version_path,
     version_path,
     write_new_version,
 )
-from AnomalyFlagLib.orientation import AxialFrame
-from AnomalyFlagLib.review import slice_change
+from AnomalyFlagLib.review.session import slice_change
 
 IDENTITY = (1.0, 0, 0, 0, 1.0, 0, 0, 0, 1.0)
 # k runs anterior (-P), j runs superior: slices are taken along j

@@ -13,11 +13,11 @@ import xml.etree.ElementTree as ET
 
 import numpy as np
 import pytest
-from AnomalyFlagLib.active_learning import read_worklist
 from AnomalyFlagLib.cli import main
 from AnomalyFlagLib.errors import InputError, SessionError
 from AnomalyFlagLib.phantom import ORGAN_LABELS
-from AnomalyFlagLib.review import current_decisions, image_fingerprint_of, load_sidecar, slice_change
+from AnomalyFlagLib.review.active_learning import read_worklist
+from AnomalyFlagLib.review.session import current_decisions, image_fingerprint_of, load_sidecar, slice_change
 from test_slicer_module_static import (  # noqa: F401 - module_on_mrml and mrml_scene are fixtures
     MODULE_FILE,
     UI_FILE,

@@ -9,7 +9,7 @@ import SimpleITK as sitk
 from AnomalyFlagLib.geometry import Geometry
 from AnomalyFlagLib.orientation import AxialFrame, slice_positions_mm
 from AnomalyFlagLib.phantom import ORGAN_LABELS, make_phantom
-from AnomalyFlagLib.review import ReviewSession, slice_change
+from AnomalyFlagLib.review.session import ReviewSession, slice_change
 from AnomalyFlagLib.roi import roi_on_image_grid
 from mrml_support import (
     OBLIQUE,
@@ -142,7 +142,7 @@ def test_versioned_save_and_slice_change_with_real_seg_nrrd(mrml_scene, tmp_path
 
 
 def test_decisions_table_follows_the_sidecar(mrml_scene, tmp_path):
-    from AnomalyFlagLib.review import load_sidecar
+    from AnomalyFlagLib.review.session import load_sidecar
     from AnomalyFlagMRML.review import DECISION_COLUMNS, decisionsToTableNode
 
     make_case_outputs(tmp_path, "case1", flagged=(3, 7, 8, 15, 20, 31))

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 from AnomalyFlagLib.errors import InputError, SessionError
-from AnomalyFlagLib.review import (
+from AnomalyFlagLib.review.session import (
     DECISIONS,
     FORMAT,
     ReviewSession,
@@ -264,7 +264,7 @@ def test_truncated_and_newer_sidecars_are_refused_and_kept(case_dir):
 
 HOLDER = """
 import sys
-from AnomalyFlagLib.review import ReviewSession
+from AnomalyFlagLib.review.session import ReviewSession
 s = ReviewSession.open(sys.argv[1], "case1", sys.argv[2])
 print("ready", flush=True)
 sys.stdin.readline()
@@ -349,7 +349,7 @@ def test_lost_lock_stops_saving_without_losing_state(case_dir):
 OPEN_ONLY = """
 import sys
 from AnomalyFlagLib.errors import SessionError
-from AnomalyFlagLib.review import ReviewSession
+from AnomalyFlagLib.review.session import ReviewSession
 try:
     ReviewSession.open(sys.argv[1], "case1", "ann").close()
 except SessionError as exc:
@@ -438,7 +438,7 @@ def test_full_disk_is_refused_at_open_and_sidecar_kept(case_dir, limit):
 
 WRITER = """
 import sys
-from AnomalyFlagLib.review import DECISIONS, ReviewSession
+from AnomalyFlagLib.review.session import DECISIONS, ReviewSession
 s = ReviewSession.open(sys.argv[1], "case1", "writer")
 queue = [q["slice"] for q in s.queue]
 k = len(s.history)

@@ -6,10 +6,10 @@ import SimpleITK as sitk
 from AnomalyFlagLib.devices import select_device
 from AnomalyFlagLib.errors import CancelledError, DeviceError, InputError
 from AnomalyFlagLib.geometry import Geometry
+from AnomalyFlagLib.io.slice_source import ArraySource, NrrdStreamSource, open_source
 from AnomalyFlagLib.orientation import AxialFrame
+from AnomalyFlagLib.results import slice_columns
 from AnomalyFlagLib.scoring import NrrdHeatmapSink, Scorer
-from AnomalyFlagLib.slice_source import ArraySource, NrrdStreamSource, open_source
-from AnomalyFlagLib.slice_table import slice_columns
 
 
 @pytest.fixture(scope="module")

@@ -9,8 +9,8 @@ import SimpleITK as sitk
 import torch
 from AnomalyFlagLib.bundle import load_bundle
 from AnomalyFlagLib.calibration import calibrate
-from AnomalyFlagLib.datasets import discover_cases, load_slices
 from AnomalyFlagLib.errors import CancelledError, InputError
+from AnomalyFlagLib.io.datasets import discover_cases, load_slices
 from AnomalyFlagLib.phantom import make_phantom
 from AnomalyFlagLib.training import recalibrate, train
 from conftest import tiny_configs

@@ -17,8 +17,8 @@ import numpy as np
 import SimpleITK as sitk
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "AnomalyFlag"))
+from AnomalyFlagLib.io.volumes import case_name  # noqa: E402
 from AnomalyFlagLib.phantom import ANOMALY_KINDS, insert_anomaly  # noqa: E402
-from AnomalyFlagLib.volume_io import case_name  # noqa: E402
 
 
 def main() -> int:

@@ -42,7 +42,7 @@ sys.path.insert(0, str(ROOT / "AnomalyFlag"))
 sys.path.insert(0, str(ROOT / "scripts"))
 
 from AnomalyFlagLib.detectors import BACKENDS, DEFAULT_BACKEND, backend_class  # noqa: E402
-from AnomalyFlagLib.evaluation import PixelAccumulator, roc_curve, slice_metrics  # noqa: E402
+from AnomalyFlagLib.evaluation.metrics import PixelAccumulator, roc_curve, slice_metrics  # noqa: E402
 from AnomalyFlagLib.phantom import ANOMALY_KINDS, insert_anomaly, make_phantom  # noqa: E402
 from AnomalyFlagLib.preprocessing import body_mask  # noqa: E402
 from AnomalyFlagLib.scoring import HEATMAP_SCALE, Scorer  # noqa: E402

@@ -175,8 +175,8 @@ def _cmd_calibrate(a):
 
 
 def _score_cases(a, cases, out_dir, progress_label="score"):
-    from .datasets import roi_for_case
-    from .outputs import CaseOutputs, prepare_output_dir
+    from .io.datasets import roi_for_case
+    from .io.scored_case import CaseOutputs, prepare_output_dir
     from .progress import ProgressBar
     from .scoring import Scorer
 
@@ -218,9 +218,9 @@ def _score_cases(a, cases, out_dir, progress_label="score"):
 def _write_montage(scorer, case, result, outputs, roi, labels):
     import SimpleITK as sitk
 
-    from .montage import display_window, write_flagged_montage
+    from .io.montage import display_window, write_flagged_montage
+    from .io.volumes import read_image
     from .roi import roi_on_image_grid
-    from .volume_io import read_image
 
     image = sitk.GetArrayFromImage(read_image(case.image))
     heat = sitk.GetArrayFromImage(sitk.ReadImage(str(outputs.path("heatmap"))))
@@ -231,7 +231,7 @@ def _write_montage(scorer, case, result, outputs, roi, labels):
 
 
 def _cmd_score(a):
-    from .datasets import discover_cases
+    from .io.datasets import discover_cases
 
     out_dir = Path(a.output)
     _, results, failures = _score_cases(a, discover_cases(a.input, "input"), out_dir)
@@ -242,7 +242,7 @@ def _cmd_score(a):
 
 
 def _cmd_evaluate(a):
-    from .evaluate_cases import evaluate_folder
+    from .evaluation.cases import evaluate_folder
 
     report = evaluate_folder(a.model, a.input, a.output, device=a.device, batch_size=a.batch_size)
     s = report["slice"]
@@ -279,9 +279,9 @@ def _add_active_learning_parsers(sub):
 
 
 def _cmd_worklist(a):
-    from .active_learning import WORKLIST_NAME, rank_cases, write_worklist
     from .errors import InputError
-    from .outputs import prepare_output_dir
+    from .io.scored_case import prepare_output_dir
+    from .review.active_learning import WORKLIST_NAME, rank_cases, write_worklist
 
     out_dir = Path(a.output)
     failures = []
@@ -292,7 +292,7 @@ def _cmd_worklist(a):
     else:
         if not (a.model and a.input):
             raise InputError("worklist needs --model and --input to score scans, or --scores to rank scored outputs.")
-        from .datasets import discover_cases
+        from .io.datasets import discover_cases
 
         _, results, failures = _score_cases(a, discover_cases(a.input, "input"), out_dir, progress_label="worklist")
         if not results:
@@ -311,7 +311,7 @@ def _cmd_worklist(a):
 
 
 def _cmd_export_training(a):
-    from .active_learning import export_training_datalist
+    from .review.active_learning import export_training_datalist
 
     datalist = export_training_datalist(a.input, a.output, images_dir=a.images)
     meta = datalist["metadata"]

@@ -9,8 +9,8 @@ import torch
 
 from .errors import InputError
 from .geometry import Geometry, require_same_geometry
+from .io.volumes import read_image
 from .orientation import AxialFrame
-from .volume_io import read_image
 
 
 def _to_label_array(image: sitk.Image, name: str) -> np.ndarray:

@@ -20,13 +20,13 @@ from .distribution import MESSAGE as DISTRIBUTION_MESSAGE
 from .distribution import distribution_warnings
 from .errors import CancelledError, InputError
 from .geometry import Geometry
+from .io.nrrd_stream import NrrdSlabWriter
+from .io.slice_source import SliceSource, open_source
 from .maps import neighbour_max
-from .nrrd_stream import NrrdSlabWriter
 from .orientation import AxialFrame, relative_positions, slice_positions_mm
 from .preprocessing import SlicePreprocessor, volume_reference
+from .results import COLUMN_DESCRIPTIONS, SliceTable, slice_columns
 from .roi import RoiSlabs, check_labels, roi_on_image_grid
-from .slice_source import SliceSource, open_source
-from .slice_table import COLUMN_DESCRIPTIONS, SliceTable, slice_columns
 
 HEATMAP_SCALE = 0.02
 """Anomaly index per heatmap step: stored value * HEATMAP_SCALE = anomaly map / calibrated pixel

@@ -14,10 +14,10 @@ import torch
 from .bundle import Bundle, load_bundle, new_bundle, save_bundle
 from .calibration import Calibration, calibrate
 from .config import PreprocessConfig, ScoreConfig
-from .datasets import SliceSet, discover_cases, load_slices, split_cases, split_slices
 from .detectors import DEFAULT_BACKEND, TrainingData, TrainingRun, backend_class
 from .devices import autocast_for, select_device
 from .errors import InputError
+from .io.datasets import SliceSet, discover_cases, load_slices, split_cases, split_slices
 from .maps import MapStatisticsAccumulator, neighbour_max
 from .preprocessing import InputSpec
 

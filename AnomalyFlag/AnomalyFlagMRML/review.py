@@ -2,9 +2,9 @@
 the decisions as a table node kept in step with the session sidecar, and what the Segment Editor must
 select to recontour a flagged slice.
 
-Slicer + vtk only (no Qt). The review session itself is AnomalyFlagLib.review.ReviewSession; this module
+Slicer + vtk only (no Qt). The review session itself is AnomalyFlagLib.review.session.ReviewSession; this module
 turns nodes into what it needs. The original segmentation file is never written: every save goes to a new
-`<case>_seg_v{N}.seg.nrrd` (AnomalyFlagLib.label_versions).
+`<case>_seg_v{N}.seg.nrrd` (AnomalyFlagLib.review.label_versions).
 """
 
 import logging
@@ -15,8 +15,8 @@ import numpy as np
 import slicer
 import vtk
 from AnomalyFlagLib.errors import InputError, SessionError
-from AnomalyFlagLib.label_versions import write_new_version
-from AnomalyFlagLib.review import current_decisions, slice_change
+from AnomalyFlagLib.review.label_versions import write_new_version
+from AnomalyFlagLib.review.session import current_decisions, slice_change
 
 from .navigation import hottestPointRAS, sliceFrame
 
@@ -209,7 +209,7 @@ def saveEditedSegmentationVersion(segmentationNode, outputFolder, case, referenc
 def decisionsToTableNode(session, tableNode=None, scene=None):
     """A table node with one row per queued slice, in review order: slice, score, decision, reviewer,
     time, note, dice, changed_voxels (empty / NaN while a slice is pending). `session` is a ReviewSession
-    or sidecar content (`AnomalyFlagLib.review.load_sidecar`). Call again after each decision to keep
+    or sidecar content (`AnomalyFlagLib.review.session.load_sidecar`). Call again after each decision to keep
     the table in step with the sidecar; the same node is refilled."""
     data = session.data if hasattr(session, "data") and not isinstance(session, dict) else session
     if not isinstance(data, dict) or "queue" not in data:
@@ -311,7 +311,7 @@ def prepareSegmentEditorNode(target, segmentEditorNode=None, scene=None):
 def imageFingerprintOfVolumeNode(volumeNode) -> str:
     """Content fingerprint of a volume node (grid + voxel bytes), equal to the library's
     `image_fingerprint_of(path)` for the file it was read from."""
-    from AnomalyFlagLib.review import image_fingerprint_of
+    from AnomalyFlagLib.review.session import image_fingerprint_of
 
     from .volumes import arrayAndGeometryFromVolumeNode
 
@@ -398,7 +398,7 @@ def _nodeIDs(scene):
 def findOriginalSegmentation(imagePath, case):
     """The automatic segmentation stored next to a case's image: <case>.seg.nrrd, <case>_seg.* or
     <case>_organs.* in the image's folder (not the image itself); None when there is none."""
-    from AnomalyFlagLib.volume_io import case_name
+    from AnomalyFlagLib.io.volumes import case_name
 
     if not imagePath:
         return None
@@ -425,8 +425,8 @@ def loadReviewCase(outputFolder, case, imagePath, segmentationPath=None, scene=N
     are every node added, for `removeReviewCase`. On failure nothing stays in the scene."""
     import SimpleITK as sitk
     from AnomalyFlagLib.geometry import Geometry, require_same_geometry
-    from AnomalyFlagLib.label_versions import latest_version
-    from AnomalyFlagLib.volume_io import read_image
+    from AnomalyFlagLib.io.volumes import read_image
+    from AnomalyFlagLib.review.label_versions import latest_version
 
     from .heatmap import ATTR_CASE as HEAT_CASE
     from .heatmap import ATTR_ROLE as HEAT_ROLE

@@ -11,7 +11,7 @@ import numpy as np
 import vtk
 from AnomalyFlagLib.errors import InputError
 from AnomalyFlagLib.geometry import Geometry
-from AnomalyFlagLib.volume_io import validate_volume_array
+from AnomalyFlagLib.io.volumes import validate_volume_array
 from vtk.util import numpy_support
 
 RAS_TO_LPS = np.diag([-1.0, -1.0, 1.0, 1.0])

@@ -137,8 +137,8 @@ def _loadSegmentation(scene, roiPath, referenceNode, geometry):
         if not storage.ReadData(segmentationNode):
             raise InputError(f"segmentation '{roiPath}' cannot be read.")
         return segmentationNode
+    from AnomalyFlagLib.io.volumes import read_image
     from AnomalyFlagLib.roi import roi_on_image_grid
-    from AnomalyFlagLib.volume_io import read_image
 
     image = read_image(roiPath, f"segmentation '{roiPath}'")
     labels = sitk.GetArrayFromImage(image)
@@ -156,7 +156,7 @@ def _caseSnapshots(scene, case, result, outputs, roiPath, size):
     """Load a scored case into `scene`, stage one PNG per flagged slice in `outputs` (a CaseOutputs),
     then remove what was loaded."""
     from AnomalyFlagLib.geometry import Geometry
-    from AnomalyFlagLib.volume_io import read_image
+    from AnomalyFlagLib.io.volumes import read_image
 
     before = _nodeIds(scene)
     try:
@@ -191,8 +191,8 @@ def scoreFolder(modelPath, inputFolder, outputFolder, device="auto", batchSize=N
     {"case", "error"} for a case that could not be scored. `progress(done, total)` counts per mille of
     the whole folder; `cancel()` stops with CancelledError (finished cases keep their files).
     """
-    from AnomalyFlagLib.datasets import discover_cases, roi_for_case
-    from AnomalyFlagLib.outputs import CaseOutputs, prepare_output_dir
+    from AnomalyFlagLib.io.datasets import discover_cases, roi_for_case
+    from AnomalyFlagLib.io.scored_case import CaseOutputs, prepare_output_dir
 
     log = log or logging.info
     cases = discover_cases(inputFolder, "input")

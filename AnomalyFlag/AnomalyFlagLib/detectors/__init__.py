@@ -6,7 +6,7 @@ and it is at once trainable, scorable and loadable through the public commands.
 
 from typing import Dict, Type
 
-from ..slice_table import LEADING_COLUMNS, TRAILING_COLUMNS
+from ..results import LEADING_COLUMNS, TRAILING_COLUMNS
 from .base import DetectorBackend, ScoreComponent, TrainingData, TrainingRun, TrainingStage, option
 
 DEFAULT_BACKEND = "restoration"

@@ -13,13 +13,13 @@ from typing import Callable, List, Optional
 import numpy as np
 import torch
 
-from .config import PreprocessConfig
-from .errors import CancelledError, InputError
-from .orientation import relative_positions, slice_positions_mm
-from .preprocessing import SlicePreprocessor, volume_reference
-from .roi import roi_on_image_grid
+from ..config import PreprocessConfig
+from ..errors import CancelledError, InputError
+from ..orientation import relative_positions, slice_positions_mm
+from ..preprocessing import SlicePreprocessor, volume_reference
+from ..roi import roi_on_image_grid
 from .slice_source import open_source
-from .volume_io import case_name, find_cases, refuse_duplicate_case_names
+from .volumes import case_name, find_cases, refuse_duplicate_case_names
 
 MASK_SUFFIXES = ("_label", "_mask", "_anomaly", "_lesion")
 COMPANION_SUFFIXES = ("_organs", "_heatmap")

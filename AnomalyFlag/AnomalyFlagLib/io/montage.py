@@ -8,8 +8,8 @@ from typing import Optional
 
 import numpy as np
 
-from .orientation import AxialFrame
-from .scoring import HEATMAP_SCALE, CaseResult
+from ..orientation import AxialFrame
+from ..scoring import HEATMAP_SCALE, CaseResult
 
 
 def heatmap_colormap():

@@ -11,8 +11,8 @@ import re
 from pathlib import Path
 from typing import Callable, List, Optional, Tuple
 
-from .atomic_files import fsync_dir
-from .errors import InputError, SessionError
+from ..atomic_files import fsync_dir
+from ..errors import InputError, SessionError
 
 SUFFIX = ".seg.nrrd"
 

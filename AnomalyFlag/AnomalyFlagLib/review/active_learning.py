@@ -15,10 +15,10 @@ import os
 from pathlib import Path
 from typing import Dict, List, Optional
 
-from .atomic_files import write_text_atomic
-from .errors import InputError, SessionError
+from ..atomic_files import write_text_atomic
+from ..errors import InputError, SessionError
 from .label_versions import latest_version
-from .review import current_decisions, load_sidecar, read_case_outputs, utc_now
+from .session import current_decisions, load_sidecar, read_case_outputs, utc_now
 
 logger = logging.getLogger(__name__)
 
@@ -135,7 +135,7 @@ def read_worklist(path) -> List[dict]:
 def _images_in(images_dir) -> Dict[str, Path]:
     if not images_dir:
         return {}
-    from .datasets import discover_cases
+    from ..io.datasets import discover_cases
 
     return {c.name: c.image for c in discover_cases(images_dir, "images folder")}
 

@@ -26,10 +26,10 @@ from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
-from .atomic_files import write_text_atomic
-from .errors import InputError, SessionError
-from .geometry import Geometry
-from .orientation import AxialFrame
+from ..atomic_files import write_text_atomic
+from ..errors import InputError, SessionError
+from ..geometry import Geometry
+from ..orientation import AxialFrame
 
 logger = logging.getLogger(__name__)
 
@@ -120,7 +120,7 @@ def image_fingerprint_of(image, geometry: Optional[Geometry] = None) -> str:
         array = image
     else:
         if not isinstance(image, sitk.Image):
-            from .volume_io import read_image
+            from ..io.volumes import read_image
 
             image = read_image(image)
         geometry = Geometry.from_image(image)

@@ -10,11 +10,11 @@ from typing import Optional, Union
 import numpy as np
 import SimpleITK as sitk
 
-from .errors import InputError, itk_reason
-from .geometry import Geometry
+from ..errors import InputError, itk_reason
+from ..geometry import Geometry
+from ..orientation import AxialFrame, check_slice_stack
 from .nrrd_stream import NrrdSlabReader
-from .orientation import AxialFrame, check_slice_stack
-from .volume_io import read_image, validate_image, validate_volume_array
+from .volumes import read_image, validate_image, validate_volume_array
 from .voxel_data import check_voxel_data
 
 

@@ -12,15 +12,15 @@ import numpy as np
 import SimpleITK as sitk
 import torch
 
-from .datasets import discover_cases
-from .errors import InputError
-from .evaluation import PixelAccumulator, slice_metrics, write_report_json, write_report_png
-from .outputs import CaseOutputs, prepare_output_dir
-from .preprocessing import body_mask, volume_reference
-from .roi import roi_on_image_grid
-from .scoring import HEATMAP_SCALE, Scorer
-from .slice_source import open_source
-from .volume_io import read_image
+from ..errors import InputError
+from ..io.datasets import discover_cases
+from ..io.scored_case import CaseOutputs, prepare_output_dir
+from ..io.slice_source import open_source
+from ..io.volumes import read_image
+from ..preprocessing import body_mask, volume_reference
+from ..roi import roi_on_image_grid
+from ..scoring import HEATMAP_SCALE, Scorer
+from .metrics import PixelAccumulator, slice_metrics, write_report_json, write_report_png
 
 
 def _body(array: np.ndarray, threshold: float, reference=None) -> np.ndarray:

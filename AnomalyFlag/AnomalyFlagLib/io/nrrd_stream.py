@@ -11,8 +11,8 @@ from typing import Dict, Optional
 
 import numpy as np
 
-from .errors import InputError
-from .geometry import Geometry
+from ..errors import InputError
+from ..geometry import Geometry
 from .voxel_data import CheckedStream, VoxelData, check_data_length, check_voxel_data
 
 NRRD_TYPES = {

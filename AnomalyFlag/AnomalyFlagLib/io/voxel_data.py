@@ -11,7 +11,7 @@ from typing import Dict, Optional
 
 import numpy as np
 
-from .errors import InputError
+from ..errors import InputError
 
 
 class CheckedStream:

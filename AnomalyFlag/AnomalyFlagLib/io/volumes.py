@@ -9,8 +9,8 @@ from typing import Dict, List, Optional
 import numpy as np
 import SimpleITK as sitk
 
+from ..errors import InputError, itk_reason
 from .dicom_series import dicom_series_files
-from .errors import InputError, itk_reason
 from .voxel_data import check_voxel_data
 
 VOLUME_SUFFIXES = (".nrrd", ".nhdr", ".nii", ".nii.gz", ".mha", ".mhd")

@@ -18,10 +18,10 @@ import shutil
 from pathlib import Path
 from typing import List, Optional
 
-from .atomic_files import fsync_dir, write_text_atomic
-from .bundle import sha256_of
-from .errors import OutputError
-from .scoring import HEATMAP_SCALE, CaseResult
+from ..atomic_files import fsync_dir, write_text_atomic
+from ..bundle import sha256_of
+from ..errors import OutputError
+from ..scoring import HEATMAP_SCALE, CaseResult
 
 STAGING_PREFIX = ".staging"
 _WRITE_ERRORS = {errno.ENOSPC, errno.EFBIG, errno.EROFS, getattr(errno, "EDQUOT", errno.ENOSPC)}
@@ -186,7 +186,7 @@ class CaseOutputs:
     def score(self, scorer, image, **options) -> CaseResult:
         """Score the volume at `image` with a Scorer, streaming its heatmap into the staging folder;
         `options` are Scorer.score's (roi, roi_labels, roi_margin_mm, progress, cancel)."""
-        from .scoring import NrrdHeatmapSink
+        from ..scoring import NrrdHeatmapSink
         from .slice_source import open_source
 
         source = open_source(image, name=f"volume '{image}'")
@@ -198,7 +198,7 @@ class CaseOutputs:
         """Write the CSV (and the heatmap when it was kept in memory) and the summary, replace the case's
         previous files by the new set, and return the summary as written (its "files" name the set)."""
         if result.heatmap is not None:
-            from .volume_io import write_image_atomic
+            from .volumes import write_image_atomic
 
             image = result.heatmap_image()
             for key, value in heatmap_key_values(result.model_name, result.threshold).items():

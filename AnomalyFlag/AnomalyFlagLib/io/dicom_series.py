@@ -9,7 +9,7 @@ from typing import List, Optional
 import numpy as np
 import SimpleITK as sitk
 
-from .errors import InputError, itk_reason, printable
+from ..errors import InputError, itk_reason, printable
 
 
 def _dicom_tags(file: str, name: str) -> sitk.ImageFileReader:

@@ -22,8 +22,8 @@ from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
-from .atomic_files import write_text_atomic
-from .errors import InputError
+from ..atomic_files import write_text_atomic
+from ..errors import InputError
 
 PathLike = Union[str, "os.PathLike[str]"]
 

@@ -179,7 +179,7 @@ def ijk_to_ras(node):
 def synthetic_result(geometry, heatmap, normalised=None, threshold=2.0, name="case", seed=0):
     """A CaseResult with the library's types for `geometry`: per-slice scores drawn at random (or given)."""
     from AnomalyFlagLib.orientation import AxialFrame, relative_positions, slice_positions_mm
-    from AnomalyFlagLib.scoring import CaseResult, SliceTable
+    from AnomalyFlagLib.results import CaseResult, SliceTable
 
     frame = AxialFrame.from_geometry(geometry)
     n = geometry.size[frame.slice_ijk_axis]

@@ -5,7 +5,7 @@ from pathlib import Path
 import numpy as np
 from AnomalyFlagLib.geometry import Geometry
 from AnomalyFlagLib.io.scored_case import write_case_files
-from AnomalyFlagLib.scoring import CaseResult, SliceTable
+from AnomalyFlagLib.results import CaseResult, SliceTable
 
 THRESHOLD = 2.0
 

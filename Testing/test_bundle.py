@@ -78,7 +78,7 @@ def test_pickle_in_place_of_weights_is_not_executed(bundle_copy, tmp_path):
     target = bundle_copy / "generator.safetensors"
     torch.save({"x": Payload()}, target)
     meta = _meta(bundle_copy)
-    from AnomalyFlagLib.bundle import sha256_of
+    from AnomalyFlagLib.atomic_files import sha256_of
 
     meta["weights"]["generator"]["sha256"] = sha256_of(target)  # a consistent but hostile bundle
     _write_meta(bundle_copy, meta)

@@ -62,7 +62,7 @@ def _reference(folder: Path, cases) -> dict:
 
 
 def test_a_rerun_replaces_the_whole_set_and_lists_it_with_checksums(tmp_path):
-    from AnomalyFlagLib.scoring import CaseResult
+    from AnomalyFlagLib.results import CaseResult
 
     folder = make_case_outputs(tmp_path / "out", "case1")
     (folder / "case1_flagged.png").write_bytes(b"old montage")  # the old run flagged slices, the new one none
@@ -80,7 +80,7 @@ def test_a_rerun_replaces_the_whole_set_and_lists_it_with_checksums(tmp_path):
 
 def _synthetic_parts(n=6, fingerprint="fingerprint-b"):
     from AnomalyFlagLib.geometry import Geometry
-    from AnomalyFlagLib.scoring import SliceTable
+    from AnomalyFlagLib.results import SliceTable
 
     columns = {"index": np.arange(n), "z_mm": np.arange(n) * 2.0, "position": np.linspace(0, 1, n),
                "score": np.zeros(n), "score_from": np.arange(n), "normalised": np.zeros(n),
@@ -90,7 +90,7 @@ def _synthetic_parts(n=6, fingerprint="fingerprint-b"):
 
 
 def test_a_crash_at_any_step_of_publishing_leaves_one_run(tmp_path, monkeypatch):
-    from AnomalyFlagLib.scoring import CaseResult
+    from AnomalyFlagLib.results import CaseResult
 
     folder = prepare_output_dir(tmp_path / "out")
     with CaseOutputs(folder, "case1") as outputs:

@@ -6,10 +6,11 @@ import SimpleITK as sitk
 from AnomalyFlagLib.devices import select_device
 from AnomalyFlagLib.errors import CancelledError, DeviceError, InputError
 from AnomalyFlagLib.geometry import Geometry
+from AnomalyFlagLib.io.scored_case import NrrdHeatmapSink
 from AnomalyFlagLib.io.slice_source import ArraySource, NrrdStreamSource, open_source
 from AnomalyFlagLib.orientation import AxialFrame
 from AnomalyFlagLib.results import slice_columns
-from AnomalyFlagLib.scoring import NrrdHeatmapSink, Scorer
+from AnomalyFlagLib.scoring import Scorer
 
 
 @pytest.fixture(scope="module")

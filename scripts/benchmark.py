@@ -46,9 +46,9 @@ def measure(model: str, volume: str, out: str, device: str, batch_size) -> dict:
     """Run in a child process: score one volume to files, as `anomalyflag score` does."""
     sys.path.insert(0, str(ROOT / "AnomalyFlag"))
     import torch
-    from AnomalyFlagLib.io.scored_case import CaseOutputs, heatmap_key_values
+    from AnomalyFlagLib.io.scored_case import CaseOutputs, NrrdHeatmapSink, heatmap_key_values
     from AnomalyFlagLib.io.slice_source import open_source
-    from AnomalyFlagLib.scoring import NrrdHeatmapSink, Scorer
+    from AnomalyFlagLib.scoring import Scorer
     from torch.utils.flop_counter import FlopCounterMode
 
     scorer = Scorer(model, device=device, batch_size=batch_size)

@@ -1,5 +1,7 @@
-"""Durable file replacement: a reader sees the old file or the new one, never a partial one."""
+"""Durable file replacement (a reader sees the old file or the new one, never a partial one) and file
+checksums."""
 
+import hashlib
 import os
 from pathlib import Path
 
@@ -37,3 +39,11 @@ def write_text_atomic(path, text: str) -> Path:
         except FileNotFoundError:
             pass
     return path
+
+
+def sha256_of(path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()

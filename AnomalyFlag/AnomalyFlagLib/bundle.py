@@ -24,6 +24,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from . import __version__
+from .atomic_files import sha256_of
 from .calibration import Calibration
 from .config import (
     FieldError,
@@ -54,14 +55,6 @@ TOP_LEVEL_KEYS = ("format", "format_version", "name", "backend", "components", "
                   "orientation", "position_reference", "scoring", "calibration", "threshold", "training",
                   "versions", "weights")  # fmt: skip
 """The keys `save_bundle` writes besides the backend's own block (named after the backend)."""
-
-
-def sha256_of(path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def library_versions() -> dict:

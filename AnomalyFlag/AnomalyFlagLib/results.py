@@ -1,13 +1,19 @@
-"""The per-slice score table: its fixed columns, their descriptions, and the table itself.
+"""What scoring a case produces, without torch: the per-slice score table (its fixed columns and their
+descriptions), the heatmap scale and CaseResult. The MRML bridge and the readers import this alone.
 
 A backend's component columns sit between LEADING_COLUMNS and TRAILING_COLUMNS, described by the
 backend's `components`; every other column means the same for every backend.
 """
 
+import dataclasses
 from dataclasses import dataclass, field
-from typing import Dict, List, Sequence
+from typing import Dict, List, Optional, Sequence
 
 import numpy as np
+import SimpleITK as sitk
+
+from .distribution import MESSAGE as DISTRIBUTION_MESSAGE
+from .geometry import Geometry
 
 LEADING_COLUMNS = ("index", "z_mm", "position")
 TRAILING_COLUMNS = ("score", "score_from", "normalised", "flagged", "in_roi", "anomaly_fraction")
@@ -49,3 +55,76 @@ class SliceTable:
 
     def rows(self) -> List[dict]:
         return [{c: v[i].item() for c, v in self.columns.items()} for i in range(len(self))]
+
+
+HEATMAP_SCALE = 0.02
+"""Anomaly index per heatmap step: stored value * HEATMAP_SCALE = anomaly map / calibrated pixel
+threshold, so 1.0 (stored 50) is the pixel threshold and 255 stands for 5.1 or more."""
+
+
+@dataclass
+class CaseResult:
+    """Everything scoring one volume produced."""
+
+    name: str
+    geometry: Geometry
+    slices: SliceTable
+    threshold: float
+    model_name: str
+    model_fingerprint: str
+    heatmap: Optional[np.ndarray] = None  # uint8 (k, j, i) when kept in memory
+    heatmap_scale: float = HEATMAP_SCALE
+    roi: Optional[dict] = None
+    timings: Dict[str, float] = field(default_factory=dict)
+    device: str = "cpu"
+    warnings: List[str] = field(default_factory=list)  # why the scan looks unlike the training data
+
+    @property
+    def out_of_distribution(self) -> bool:
+        return bool(self.warnings)
+
+    def warning_text(self) -> str:
+        """One sentence for the user, empty when the scan looks like the training data."""
+        return f"{DISTRIBUTION_MESSAGE}: {'; '.join(self.warnings)}." if self.warnings else ""
+
+    def with_threshold(self, threshold: float) -> "CaseResult":
+        """The same result flagged at another normalised-score threshold (a user override)."""
+        columns = dict(self.slices.columns)
+        columns["flagged"] = (columns["normalised"] > threshold) & columns["in_roi"]
+        table = SliceTable(columns, self.slices.descriptions)
+        return dataclasses.replace(self, slices=table, threshold=float(threshold))
+
+    @property
+    def flagged_indices(self) -> List[int]:
+        return [int(i) for i in self.slices["index"][self.slices["flagged"]]]
+
+    def heatmap_image(self) -> sitk.Image:
+        """The heatmap as a SimpleITK image in the input's exact geometry (uint8, see HEATMAP_SCALE)."""
+        if self.heatmap is None:
+            raise ValueError("this result's heatmap was streamed to a file, not kept in memory")
+        image = sitk.GetImageFromArray(self.heatmap)
+        return self.geometry.apply_to(image)
+
+    def summary(self) -> dict:
+        normalised = self.slices["normalised"]
+        flagged = self.flagged_indices
+        return {
+            "case": self.name,
+            "model": self.model_name,
+            "model_fingerprint": self.model_fingerprint,
+            "threshold": self.threshold,
+            "num_slices": len(self.slices),
+            "num_flagged": len(flagged),
+            "flagged_slices": flagged,
+            "max_normalised_score": float(np.max(normalised)),
+            "geometry": self.geometry.to_dict(),
+            "heatmap_scale": self.heatmap_scale,
+            "heatmap_units": "anomaly map / calibrated pixel threshold (1.0 = pixel threshold)",
+            "columns": self.slices.descriptions,
+            "slice_axis": "voxel axis closest to superior-inferior; index is the voxel index along it",
+            "roi": self.roi,
+            "out_of_distribution": self.out_of_distribution,
+            "warnings": [self.warning_text()] if self.warnings else [],
+            "device": self.device,
+            "timings_s": self.timings,
+        }

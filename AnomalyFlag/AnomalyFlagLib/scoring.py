@@ -4,11 +4,9 @@ Slices stream through in batches; the heatmap goes to a sink batch by batch (an 
 or a gzip NRRD written as it comes), so working memory does not grow with the slice count.
 """
 
-import dataclasses
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Sequence, Union
+from typing import Callable, Optional, Sequence, Union
 
 import numpy as np
 import SimpleITK as sitk
@@ -16,133 +14,18 @@ import torch
 
 from .bundle import Bundle, load_bundle
 from .devices import autocast_for, default_batch_size, select_device
-from .distribution import MESSAGE as DISTRIBUTION_MESSAGE
 from .distribution import distribution_warnings
 from .errors import CancelledError, InputError
 from .geometry import Geometry
-from .io.nrrd_stream import NrrdSlabWriter
+from .io.scored_case import ArrayHeatmapSink
 from .io.slice_source import SliceSource, open_source
 from .maps import neighbour_max
-from .orientation import AxialFrame, relative_positions, slice_positions_mm
+from .orientation import relative_positions, slice_positions_mm
 from .preprocessing import SlicePreprocessor, volume_reference
-from .results import COLUMN_DESCRIPTIONS, SliceTable, slice_columns
+from .results import COLUMN_DESCRIPTIONS, HEATMAP_SCALE, CaseResult, SliceTable, slice_columns
 from .roi import RoiSlabs, check_labels, roi_on_image_grid
 
-HEATMAP_SCALE = 0.02
-"""Anomaly index per heatmap step: stored value * HEATMAP_SCALE = anomaly map / calibrated pixel
-threshold, so 1.0 (stored 50) is the pixel threshold and 255 stands for 5.1 or more."""
-
 ProgressFn = Callable[[int, int], None]
-
-
-@dataclass
-class CaseResult:
-    """Everything scoring one volume produced."""
-
-    name: str
-    geometry: Geometry
-    slices: SliceTable
-    threshold: float
-    model_name: str
-    model_fingerprint: str
-    heatmap: Optional[np.ndarray] = None  # uint8 (k, j, i) when kept in memory
-    heatmap_scale: float = HEATMAP_SCALE
-    roi: Optional[dict] = None
-    timings: Dict[str, float] = field(default_factory=dict)
-    device: str = "cpu"
-    warnings: List[str] = field(default_factory=list)  # why the scan looks unlike the training data
-
-    @property
-    def out_of_distribution(self) -> bool:
-        return bool(self.warnings)
-
-    def warning_text(self) -> str:
-        """One sentence for the user, empty when the scan looks like the training data."""
-        return f"{DISTRIBUTION_MESSAGE}: {'; '.join(self.warnings)}." if self.warnings else ""
-
-    def with_threshold(self, threshold: float) -> "CaseResult":
-        """The same result flagged at another normalised-score threshold (a user override)."""
-        columns = dict(self.slices.columns)
-        columns["flagged"] = (columns["normalised"] > threshold) & columns["in_roi"]
-        table = SliceTable(columns, self.slices.descriptions)
-        return dataclasses.replace(self, slices=table, threshold=float(threshold))
-
-    @property
-    def flagged_indices(self) -> List[int]:
-        return [int(i) for i in self.slices["index"][self.slices["flagged"]]]
-
-    def heatmap_image(self) -> sitk.Image:
-        """The heatmap as a SimpleITK image in the input's exact geometry (uint8, see HEATMAP_SCALE)."""
-        if self.heatmap is None:
-            raise ValueError("this result's heatmap was streamed to a file, not kept in memory")
-        image = sitk.GetImageFromArray(self.heatmap)
-        return self.geometry.apply_to(image)
-
-    def summary(self) -> dict:
-        normalised = self.slices["normalised"]
-        flagged = self.flagged_indices
-        return {
-            "case": self.name,
-            "model": self.model_name,
-            "model_fingerprint": self.model_fingerprint,
-            "threshold": self.threshold,
-            "num_slices": len(self.slices),
-            "num_flagged": len(flagged),
-            "flagged_slices": flagged,
-            "max_normalised_score": float(np.max(normalised)),
-            "geometry": self.geometry.to_dict(),
-            "heatmap_scale": self.heatmap_scale,
-            "heatmap_units": "anomaly map / calibrated pixel threshold (1.0 = pixel threshold)",
-            "columns": self.slices.descriptions,
-            "slice_axis": "voxel axis closest to superior-inferior; index is the voxel index along it",
-            "roi": self.roi,
-            "out_of_distribution": self.out_of_distribution,
-            "warnings": [self.warning_text()] if self.warnings else [],
-            "device": self.device,
-            "timings_s": self.timings,
-        }
-
-
-class ArrayHeatmapSink:
-    """Keeps the heatmap in memory as uint8 in the input's (k, j, i) layout."""
-
-    def __init__(self, geometry: Geometry):
-        self.array = np.zeros(geometry.size[::-1], dtype=np.uint8)
-        self.view = AxialFrame.from_geometry(geometry).view(self.array)
-
-    def write(self, k0: int, oriented: np.ndarray) -> None:
-        self.view[k0 : k0 + oriented.shape[0]] = oriented
-
-    def finish(self):
-        return self.array
-
-    def abort(self):
-        pass
-
-
-class NrrdHeatmapSink:
-    """Writes the heatmap to a gzip NRRD as it comes; the file appears complete or not at all."""
-
-    def __init__(self, path, geometry: Geometry, key_values: Dict[str, str]):
-        self.frame = AxialFrame.from_geometry(geometry)
-        self.geometry = geometry
-        self.memory = None if self.frame.slices_along_k else ArrayHeatmapSink(geometry)
-        self.writer = NrrdSlabWriter(path, geometry, key_values)
-
-    def write(self, k0: int, oriented: np.ndarray) -> None:
-        if self.memory is not None:
-            self.memory.write(k0, oriented)
-        else:
-            self.writer.write(self.frame.unorient_slab(oriented))
-
-    def finish(self):
-        if self.memory is not None:
-            for k0 in range(0, self.geometry.size[2], 32):
-                self.writer.write(self.memory.array[k0 : k0 + 32])
-        return self.writer.commit()
-
-    def abort(self):
-        self.writer.abort()
 
 
 class Scorer:

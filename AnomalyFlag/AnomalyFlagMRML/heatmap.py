@@ -11,7 +11,7 @@ import numpy as np
 import slicer
 from AnomalyFlagLib.errors import InputError
 from AnomalyFlagLib.geometry import require_same_geometry
-from AnomalyFlagLib.scoring import HEATMAP_SCALE
+from AnomalyFlagLib.results import HEATMAP_SCALE
 
 from .volumes import copyVolumeGeometry, geometryFromVolumeNode, updateVolumeNodeFromArray
 

@@ -9,7 +9,7 @@ from typing import Optional
 import numpy as np
 
 from ..orientation import AxialFrame
-from ..scoring import HEATMAP_SCALE, CaseResult
+from ..results import HEATMAP_SCALE, CaseResult
 
 
 def heatmap_colormap():

@@ -16,12 +16,16 @@ import os
 import re
 import shutil
 from pathlib import Path
-from typing import List, Optional
+from typing import Dict, List, Optional
 
-from ..atomic_files import fsync_dir, write_text_atomic
-from ..bundle import sha256_of
+import numpy as np
+
+from ..atomic_files import fsync_dir, sha256_of, write_text_atomic
 from ..errors import OutputError
-from ..scoring import HEATMAP_SCALE, CaseResult
+from ..geometry import Geometry
+from ..orientation import AxialFrame
+from ..results import HEATMAP_SCALE, CaseResult
+from .nrrd_stream import NrrdSlabWriter
 
 STAGING_PREFIX = ".staging"
 _WRITE_ERRORS = {errno.ENOSPC, errno.EFBIG, errno.EROFS, getattr(errno, "EDQUOT", errno.ENOSPC)}
@@ -40,6 +44,48 @@ def _clean(value):
 
 def write_json(path, data: dict) -> Path:
     return write_text_atomic(path, json.dumps(_clean(data), indent=2) + "\n")
+
+
+class ArrayHeatmapSink:
+    """Keeps the heatmap in memory as uint8 in the input's (k, j, i) layout."""
+
+    def __init__(self, geometry: Geometry):
+        self.array = np.zeros(geometry.size[::-1], dtype=np.uint8)
+        self.view = AxialFrame.from_geometry(geometry).view(self.array)
+
+    def write(self, k0: int, oriented: np.ndarray) -> None:
+        self.view[k0 : k0 + oriented.shape[0]] = oriented
+
+    def finish(self):
+        return self.array
+
+    def abort(self):
+        pass
+
+
+class NrrdHeatmapSink:
+    """Writes the heatmap to a gzip NRRD as it comes; the file appears complete or not at all."""
+
+    def __init__(self, path, geometry: Geometry, key_values: Dict[str, str]):
+        self.frame = AxialFrame.from_geometry(geometry)
+        self.geometry = geometry
+        self.memory = None if self.frame.slices_along_k else ArrayHeatmapSink(geometry)
+        self.writer = NrrdSlabWriter(path, geometry, key_values)
+
+    def write(self, k0: int, oriented: np.ndarray) -> None:
+        if self.memory is not None:
+            self.memory.write(k0, oriented)
+        else:
+            self.writer.write(self.frame.unorient_slab(oriented))
+
+    def finish(self):
+        if self.memory is not None:
+            for k0 in range(0, self.geometry.size[2], 32):
+                self.writer.write(self.memory.array[k0 : k0 + 32])
+        return self.writer.commit()
+
+    def abort(self):
+        self.writer.abort()
 
 
 def case_paths(out_dir, case: str) -> dict:
@@ -186,7 +232,6 @@ class CaseOutputs:
     def score(self, scorer, image, **options) -> CaseResult:
         """Score the volume at `image` with a Scorer, streaming its heatmap into the staging folder;
         `options` are Scorer.score's (roi, roi_labels, roi_margin_mm, progress, cancel)."""
-        from ..scoring import NrrdHeatmapSink
         from .slice_source import open_source
 
         source = open_source(image, name=f"volume '{image}'")

@@ -4,12 +4,12 @@ import numpy as np
 import pytest
 from AnomalyFlagLib.errors import InputError, SessionError
 from AnomalyFlagLib.geometry import Geometry
+from AnomalyFlagLib.io.scored_case import CaseFiles
 from AnomalyFlagLib.orientation import AxialFrame
 from AnomalyFlagLib.review.label_versions import (
     latest_version,
     list_versions,
     next_version_path,
-    version_path,
     write_new_version,
 )
 from AnomalyFlagLib.review.session import slice_change
@@ -78,8 +78,8 @@ def test_versions_count_up_and_never_touch_existing_files(tmp_path):
     assert (first.name, second.name) == ("case1_seg_v1.seg.nrrd", "case1_seg_v2.seg.nrrd")
     assert first.read_bytes() == b"one" and second.read_bytes() == b"two"
     assert original.read_bytes() == b"original"
-    version_path(tmp_path, "case1", 9).write_bytes(b"nine")  # gaps are not reused
-    version_path(tmp_path, "case10", 1).write_bytes(b"other case")
+    CaseFiles(tmp_path, "case1").label_version(9).write_bytes(b"nine")  # gaps are not reused
+    CaseFiles(tmp_path, "case10").label_version(1).write_bytes(b"other case")
     assert next_version_path(tmp_path, "case1").name == "case1_seg_v10.seg.nrrd"
     assert [v for v, _ in list_versions(tmp_path, "case1")] == [1, 2, 9]
     assert latest_version(tmp_path, "case1").read_bytes() == b"nine"
@@ -89,12 +89,12 @@ def test_versions_count_up_and_never_touch_existing_files(tmp_path):
 def test_a_version_taken_meanwhile_is_not_overwritten(tmp_path):
     def write(tmp):
         # another writer publishes v1 while this one is still writing
-        version_path(tmp_path, "case1", 1).write_bytes(b"theirs")
+        CaseFiles(tmp_path, "case1").label_version(1).write_bytes(b"theirs")
         tmp.write_bytes(b"mine")
 
     path = write_new_version(tmp_path, "case1", write)
     assert path.name == "case1_seg_v2.seg.nrrd" and path.read_bytes() == b"mine"
-    assert version_path(tmp_path, "case1", 1).read_bytes() == b"theirs"
+    assert CaseFiles(tmp_path, "case1").label_version(1).read_bytes() == b"theirs"
 
 
 def test_failed_writes_and_bad_names(tmp_path):

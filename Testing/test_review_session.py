@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 from AnomalyFlagLib.errors import InputError, SessionError
+from AnomalyFlagLib.io.scored_case import CaseFiles
 from AnomalyFlagLib.review.session import (
     DECISIONS,
     FORMAT,
@@ -23,7 +24,6 @@ from AnomalyFlagLib.review.session import (
     break_lock,
     load_sidecar,
     read_lock,
-    review_paths,
 )
 from review_support import make_case_outputs
 
@@ -80,7 +80,7 @@ def test_queue_ordered_by_roi_fraction_when_scored_with_a_segmentation(tmp_path)
 def test_roi_order_needs_a_case_scored_with_a_segmentation(case_dir):
     with pytest.raises(InputError, match="without a segmentation"):
         ReviewSession.open(case_dir, "case1", "ann", order="roi")
-    assert not review_paths(case_dir, "case1")["lock"].exists()
+    assert not CaseFiles(case_dir, "case1").lock.exists()
     with ReviewSession.open(case_dir, "case1", "ann", order="auto") as s:
         assert s.order == "normalised"
 
@@ -96,7 +96,7 @@ def test_decisions_recorded_with_reviewer_time_note_and_change(case_dir):
         s.decide(15, "skipped", note="motion artefact")
         assert s.progress() == (3, 6)
         assert s.next_pending()["slice"] == 8
-    data = json.loads(review_paths(case_dir, "case1")["sidecar"].read_text())
+    data = json.loads(CaseFiles(case_dir, "case1").sidecar.read_text())
     assert data["format"] == FORMAT and data["case"] == "case1"
     assert data["model"]["fingerprint"] == "model-a-fingerprint"
     records = data["decisions"]
@@ -180,12 +180,12 @@ def test_image_path_recorded_and_missing_outputs_refused(case_dir, tmp_path):
 
 
 def _refused(case_dir, match, **kwargs):
-    paths = review_paths(case_dir, "case1")
-    before = paths["sidecar"].read_bytes()
+    paths = CaseFiles(case_dir, "case1")
+    before = paths.sidecar.read_bytes()
     with pytest.raises(SessionError, match=match) as info:
         ReviewSession.open(case_dir, "case1", "ann", **kwargs)
-    assert paths["sidecar"].read_bytes() == before, "a refused sidecar must stay byte-identical"
-    assert not paths["lock"].exists(), "a refused open must not leave its lock behind"
+    assert paths.sidecar.read_bytes() == before, "a refused sidecar must stay byte-identical"
+    assert not paths.lock.exists(), "a refused open must not leave its lock behind"
     assert sorted(p.name for p in Path(case_dir).iterdir() if p.name.startswith(".")) == []
     return str(info.value)
 
@@ -233,14 +233,14 @@ def test_rescored_case_is_refused_and_kept(case_dir):
     ids=["invalid-json", "empty", "other-format", "missing-entries", "binary"],
 )
 def test_damaged_sidecar_is_refused_and_kept(case_dir, content):
-    review_paths(case_dir, "case1")["sidecar"].write_bytes(content)
+    CaseFiles(case_dir, "case1").sidecar.write_bytes(content)
     _refused(case_dir, "damaged")
 
 
 def test_truncated_and_newer_sidecars_are_refused_and_kept(case_dir):
     with ReviewSession.open(case_dir, "case1", "ann") as s:
         s.decide(31, "accepted")
-    path = review_paths(case_dir, "case1")["sidecar"]
+    path = CaseFiles(case_dir, "case1").sidecar
     full = path.read_bytes()
     path.write_bytes(full[: len(full) // 2])
     _refused(case_dir, "damaged")
@@ -283,7 +283,7 @@ def test_second_writer_is_refused_naming_the_holder(case_dir):
         with pytest.raises(SessionError, match="being reviewed by Dr Holder") as info:
             ReviewSession.open(case_dir, "case1", "ann")
         assert f"pid {child.pid}" in str(info.value) and socket.gethostname() in str(info.value)
-        assert read_lock(review_paths(case_dir, "case1")["lock"])["pid"] == child.pid
+        assert read_lock(CaseFiles(case_dir, "case1").lock)["pid"] == child.pid
     finally:
         child.communicate("\n", timeout=30)
     assert child.returncode == 0
@@ -297,7 +297,7 @@ def test_same_process_cannot_open_twice_and_close_releases(case_dir):
         ReviewSession.open(case_dir, "case1", "bob")
     s.close()
     s.close()
-    assert not review_paths(case_dir, "case1")["lock"].exists()
+    assert not CaseFiles(case_dir, "case1").lock.exists()
     with pytest.raises(SessionError, match="closed"):
         s.decide(31, "accepted")
     ReviewSession.open(case_dir, "case1", "bob").close()
@@ -307,7 +307,7 @@ def test_stale_lock_of_dead_process_is_taken_over_with_a_warning(case_dir):
     child = _run_child(HOLDER, case_dir, "Dr Gone", "die")
     assert child.stdout.readline().strip() == "ready", child.stderr.read()
     child.communicate("\n", timeout=30)
-    lock = review_paths(case_dir, "case1")["lock"]
+    lock = CaseFiles(case_dir, "case1").lock
     assert read_lock(lock)["pid"] == child.pid  # left behind
     with pytest.warns(UserWarning, match="taking over the review lock .* Dr Gone"):
         s = ReviewSession.open(case_dir, "case1", "ann")
@@ -317,7 +317,7 @@ def test_stale_lock_of_dead_process_is_taken_over_with_a_warning(case_dir):
 
 
 def test_lock_from_another_host_or_freshly_damaged_is_not_taken_over(case_dir):
-    lock = review_paths(case_dir, "case1")["lock"]
+    lock = CaseFiles(case_dir, "case1").lock
     lock.write_text(json.dumps({"pid": 1, "host": "other-host", "reviewer": "Dr Remote", "time": "x"}))
     with pytest.raises(SessionError, match="Dr Remote .* on other-host"):
         ReviewSession.open(case_dir, "case1", "ann")
@@ -389,7 +389,7 @@ def test_unwritable_folder_is_refused_at_open(existing_sidecar):
         if existing_sidecar:
             with ReviewSession.open(folder, "case1", "ann") as s:
                 s.decide(31, "accepted")
-        sidecar = review_paths(folder, "case1")["sidecar"]
+        sidecar = CaseFiles(folder, "case1").sidecar
         before = sidecar.read_bytes() if existing_sidecar else None
         control = _open_in_child(prefix, folder)  # the harness itself works on a writable folder
         assert control.returncode == 0 and "opened" in control.stdout, control.stderr
@@ -398,7 +398,7 @@ def test_unwritable_folder_is_refused_at_open(existing_sidecar):
         assert refused.returncode == 3, (refused.stdout, refused.stderr)
         assert "not writable" in refused.stdout and str(folder) in refused.stdout
         os.chmod(folder, 0o700)
-        assert not review_paths(folder, "case1")["lock"].exists()
+        assert not CaseFiles(folder, "case1").lock.exists()
         if existing_sidecar:
             assert load_sidecar(folder, "case1")["decisions"][0]["slice"] == 31
             assert len(json.loads(sidecar.read_bytes())["sessions"]) == 2  # ann + the control run only
@@ -421,7 +421,7 @@ resource.setrlimit(resource.RLIMIT_FSIZE, (int(sys.argv[2]), int(sys.argv[2])))
 def test_full_disk_is_refused_at_open_and_sidecar_kept(case_dir, limit):
     with ReviewSession.open(case_dir, "case1", "ann") as s:
         s.decide(31, "accepted")
-    sidecar = review_paths(case_dir, "case1")["sidecar"]
+    sidecar = CaseFiles(case_dir, "case1").sidecar
     before = sidecar.read_bytes()
     assert len(before) > 600
     run = subprocess.run([sys.executable, "-c", textwrap.dedent(FULL_DISK), str(case_dir), str(limit)],
@@ -429,7 +429,7 @@ def test_full_disk_is_refused_at_open_and_sidecar_kept(case_dir, limit):
     assert run.returncode == 3, (run.stdout, run.stderr)
     assert "SessionError" in run.stdout
     assert sidecar.read_bytes() == before
-    assert not review_paths(case_dir, "case1")["lock"].exists()
+    assert not CaseFiles(case_dir, "case1").lock.exists()
     assert [p.name for p in case_dir.iterdir() if p.name.startswith(".")] == []
 
 
@@ -471,7 +471,7 @@ def test_killed_writer_keeps_every_returned_decision(case_dir):
         returned = max([seen] + [int(v) for v in rest.split()])
         returned_total = returned
 
-        raw = review_paths(case_dir, "case1")["sidecar"].read_bytes()
+        raw = CaseFiles(case_dir, "case1").sidecar.read_bytes()
         data = json.loads(raw)  # parses: never a partial file
         notes = [d["note"] for d in data["decisions"]]
         saved = len(notes)

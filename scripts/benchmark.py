@@ -46,8 +46,8 @@ def measure(model: str, volume: str, out: str, device: str, batch_size) -> dict:
     """Run in a child process: score one volume to files, as `anomalyflag score` does."""
     sys.path.insert(0, str(ROOT / "AnomalyFlag"))
     import torch
-    from AnomalyFlagLib.io.scored_case import CaseOutputs, NrrdHeatmapSink, heatmap_key_values
-    from AnomalyFlagLib.io.slice_source import open_source
+    from AnomalyFlagLib.io.datasets import Case
+    from AnomalyFlagLib.io.scored_case import score_cases
     from AnomalyFlagLib.scoring import Scorer
     from torch.utils.flop_counter import FlopCounterMode
 
@@ -59,11 +59,8 @@ def measure(model: str, volume: str, out: str, device: str, batch_size) -> dict:
         scorer.bundle.score_batch(x, pos, scorer.pre.body_mask(x))
     flops_per_slice = counter.get_total_flops() / scorer.batch_size
     start = time.perf_counter()
-    source = open_source(volume)
-    with CaseOutputs(out, "bench") as outputs:
-        sink = NrrdHeatmapSink(outputs.path("heatmap"), source.geometry, heatmap_key_values("bench", 0.0))
-        result = scorer.score(source, name="bench", heatmap_sink=sink)
-        outputs.publish(result)
+    (outcome,) = score_cases(scorer, [Case("bench", Path(volume))], out)
+    result = outcome.result
     seconds = time.perf_counter() - start
     n = len(result.slices)
     return {

@@ -174,28 +174,39 @@ def _cmd_calibrate(a):
     print(f"Recalibrated bundle written to {out}")
 
 
+def _score_options(a):
+    from .io.scored_case import ScoreOptions
+
+    return ScoreOptions(
+        roi=getattr(a, "roi", None),
+        roi_labels=getattr(a, "roi_labels", None),
+        roi_margin_mm=getattr(a, "roi_margin_mm", 10.0),
+        montage=getattr(a, "montage", False),
+    )
+
+
 def _score_cases(a, cases, out_dir, progress_label="score"):
-    from .io.datasets import roi_for_case
-    from .io.scored_case import CaseOutputs, prepare_output_dir
+    """Score `cases` as `anomalyflag score` does, printing a line per case; (results, failures)."""
+    from .io.scored_case import score_cases
     from .progress import ProgressBar
     from .scoring import Scorer
 
-    if getattr(a, "roi", None):
-        roi_for_case(cases[0], a.roi, len(cases) == 1)  # one ROI file for several cases fails here, once
     scorer = Scorer(a.model, device=a.device, batch_size=a.batch_size)
-    prepare_output_dir(out_dir)  # only once the model loaded and the input was found
-    labels = getattr(a, "roi_labels", None)
+    bars = []
+
+    def progress(i, case):
+        bars.append(ProgressBar(f"{progress_label} {case.name}"))
+        return bars[-1]
+
     results, failures = [], []
-    for case in cases:
-        bar = ProgressBar(f"{progress_label} {case.name}")
-        try:
-            with CaseOutputs(out_dir, case.name) as outputs:
-                roi = roi_for_case(case, getattr(a, "roi", None), len(cases) == 1)
-                result = outputs.score(scorer, case.image, roi=roi, roi_labels=labels, progress=bar,
-                                       roi_margin_mm=getattr(a, "roi_margin_mm", 10.0))  # fmt: skip
-                if getattr(a, "montage", False) and result.flagged_indices:
-                    _write_montage(scorer, case, result, outputs, roi, labels)
-                outputs.publish(result, extra_summary={"image": str(Path(case.image).resolve())})
+    try:
+        for outcome in score_cases(scorer, cases, out_dir, _score_options(a), progress=progress):
+            case, result = outcome.case, outcome.result
+            if outcome.error is not None:
+                bars[-1].close()
+                failures.append((case, outcome.error))
+                print(f"{case.name}: FAILED: {outcome.error}", file=sys.stderr)
+                continue
             results.append((case, result))
             flagged = result.flagged_indices
             print(f"{case.name}: {len(flagged)} of {len(result.slices)} slices flagged"
@@ -203,38 +214,20 @@ def _score_cases(a, cases, out_dir, progress_label="score"):
                   f" ({result.timings['total']:.1f} s on {result.device})")  # fmt: skip
             if result.warnings:
                 print(f"{case.name}: WARNING: {result.warning_text()}", file=sys.stderr)
-            if outputs.images:
-                print(f"{case.name}: montage of the top flagged slices in {Path(out_dir) / outputs.images[0]}")
-        except CancelledError:
-            bar.close()
-            raise
-        except AnomalyFlagError as exc:
-            bar.close()
-            failures.append((case, exc))
-            print(f"{case.name}: FAILED: {exc}", file=sys.stderr)
-    return scorer, results, failures
-
-
-def _write_montage(scorer, case, result, outputs, roi, labels):
-    import SimpleITK as sitk
-
-    from .io.montage import display_window, write_flagged_montage
-    from .io.volumes import read_image
-    from .roi import roi_on_image_grid
-
-    image = sitk.GetArrayFromImage(read_image(case.image))
-    heat = sitk.GetArrayFromImage(sitk.ReadImage(str(outputs.path("heatmap"))))
-    mask = roi_on_image_grid(roi, result.geometry, labels) if roi is not None else None
-    pre = scorer.bundle.preprocess
-    write_flagged_montage(outputs.image_path(f"{case.name}_flagged.png"), image, heat, result, mask,
-                          window=display_window(pre, image))  # fmt: skip
+            if outcome.images:
+                print(f"{case.name}: montage of the top flagged slices in {Path(out_dir) / outcome.images[0]}")
+    except CancelledError:
+        if bars:
+            bars[-1].close()
+        raise
+    return results, failures
 
 
 def _cmd_score(a):
     from .io.datasets import discover_cases
 
     out_dir = Path(a.output)
-    _, results, failures = _score_cases(a, discover_cases(a.input, "input"), out_dir)
+    results, failures = _score_cases(a, discover_cases(a.input, "input"), out_dir)
     if results:
         print(f"Outputs in {out_dir}")
     if failures:
@@ -294,7 +287,7 @@ def _cmd_worklist(a):
             raise InputError("worklist needs --model and --input to score scans, or --scores to rank scored outputs.")
         from .io.datasets import discover_cases
 
-        _, results, failures = _score_cases(a, discover_cases(a.input, "input"), out_dir, progress_label="worklist")
+        results, failures = _score_cases(a, discover_cases(a.input, "input"), out_dir, progress_label="worklist")
         if not results:
             raise AnomalyFlagError(f"none of the {len(failures)} case(s) could be scored.")
         paths = {case.name: str(Path(case.image).resolve()) for case, _ in results}

@@ -60,6 +60,25 @@ class SliceTable:
 HEATMAP_SCALE = 0.02
 """Anomaly index per heatmap step: stored value * HEATMAP_SCALE = anomaly map / calibrated pixel
 threshold, so 1.0 (stored 50) is the pixel threshold and 255 stands for 5.1 or more."""
+HEATMAP_UNITS = "anomaly map / calibrated pixel threshold (1.0 = pixel threshold)"
+HEATMAP_DISPLAY_MAX = 4.0
+"""Anomaly index shown at full red; the colour table spans the index 0 .. HEATMAP_DISPLAY_MAX."""
+HEATMAP_COLOUR_STOPS = (
+    (0.00, 0.00, 0.00, 0.00, 0.0),
+    (0.15, 0.55, 0.45, 0.00, 0.6),
+    (0.25, 1.00, 0.95, 0.10, 1.0),
+    (0.55, 1.00, 0.55, 0.00, 1.0),
+    (1.00, 0.90, 0.00, 0.00, 1.0),
+)
+"""(position 0..1 in the table, r, g, b, alpha): transparent at 0, yellow at the pixel threshold (index 1.0),
+orange, then red at HEATMAP_DISPLAY_MAX. Slicer's colour node and the montage both use it."""
+
+
+def heatmap_colours(count: int = 256) -> np.ndarray:
+    """RGBA (count, 4) floats of the heatmap colour table (see HEATMAP_COLOUR_STOPS)."""
+    stops = np.asarray(HEATMAP_COLOUR_STOPS)
+    t = np.linspace(0.0, 1.0, count)
+    return np.stack([np.interp(t, stops[:, 0], stops[:, c]) for c in range(1, 5)], axis=1)
 
 
 @dataclass
@@ -119,7 +138,7 @@ class CaseResult:
             "max_normalised_score": float(np.max(normalised)),
             "geometry": self.geometry.to_dict(),
             "heatmap_scale": self.heatmap_scale,
-            "heatmap_units": "anomaly map / calibrated pixel threshold (1.0 = pixel threshold)",
+            "heatmap_units": HEATMAP_UNITS,
             "columns": self.slices.descriptions,
             "slice_axis": "voxel axis closest to superior-inferior; index is the voxel index along it",
             "roi": self.roi,

@@ -60,19 +60,22 @@ class Scorer:
         heatmap_sink=None,
         progress: Optional[ProgressFn] = None,
         cancel: Optional[Callable[[], bool]] = None,
+        slice_keeper=None,
     ) -> CaseResult:
         """Score every slice of `volume` (path, SimpleITK image, or (k, j, i) array with `geometry`).
 
         `roi` (segmentation or label map on the image grid, optionally `roi_labels`) restricts flags and
         the heatmap to that region plus `roi_margin_mm`. `progress(done, total)` is called after each
         batch; when `cancel()` returns True a CancelledError is raised and nothing is kept.
+        `slice_keeper.offer(k0, image, heatmap, roi, scores)` sees every slab as it is scored (see
+        io.montage.MontageSlices).
         """
         started = time.perf_counter()
         source = volume if isinstance(volume, SliceSource) else open_source(volume, geometry, name)
         name = name or source.name
         sink = heatmap_sink or ArrayHeatmapSink(source.geometry)
         try:
-            result = self._score_source(source, sink, roi, roi_labels, roi_margin_mm, progress, cancel)
+            result = self._score_source(source, sink, roi, roi_labels, roi_margin_mm, progress, cancel, slice_keeper)
             heatmap = sink.finish()
         except BaseException:
             sink.abort()
@@ -84,7 +87,7 @@ class Scorer:
         result.timings["total"] = round(time.perf_counter() - started, 3)
         return result
 
-    def _score_source(self, source, sink, roi, roi_labels, roi_margin_mm, progress, cancel) -> CaseResult:
+    def _score_source(self, source, sink, roi, roi_labels, roi_margin_mm, progress, cancel, keeper) -> CaseResult:
         geometry, frame = source.geometry, source.frame
         n = source.num_slices
         self.pre.check_fits(source.rows, source.columns, frame.row_spacing, frame.column_spacing, source.name)
@@ -129,6 +132,9 @@ class Scorer:
             frac[k0:k1] = (((index > 1.0) & region).sum(dim=(1, 2)) / counts).numpy()
             heat = torch.clamp(torch.round(index / HEATMAP_SCALE), 0, 255).to(torch.uint8).numpy()
             sink.write(k0, heat)
+            if keeper is not None:
+                own = cal.normalise(values["score"][k0:k1], positions[k0:k1])
+                keeper.offer(k0, slab, heat, None if roi_slabs is None else roi_slabs.view[k0:k1], own)
             compute_s += time.perf_counter() - t0
             if progress is not None:
                 progress(k1, n)

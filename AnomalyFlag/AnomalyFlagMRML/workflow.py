@@ -10,7 +10,7 @@ import numpy as np
 import SimpleITK as sitk
 import slicer
 from AnomalyFlagLib.bundle import Bundle
-from AnomalyFlagLib.errors import AnomalyFlagError, CancelledError, InputError
+from AnomalyFlagLib.errors import InputError
 
 from .heatmap import ATTR_SCALE, createHeatmapNode, showHeatmap
 from .scoreTable import createScoreChart, createScoreTable
@@ -154,7 +154,7 @@ def _loadSegmentation(scene, roiPath, referenceNode, geometry):
 
 def _caseSnapshots(scene, case, result, outputs, roiPath, size):
     """Load a scored case into `scene`, stage one PNG per flagged slice in `outputs` (a CaseOutputs),
-    then remove what was loaded."""
+    then remove what was loaded. The volume is loaded whole: the slice views render from a node."""
     from AnomalyFlagLib.geometry import Geometry
     from AnomalyFlagLib.io.volumes import read_image
 
@@ -174,7 +174,7 @@ def _caseSnapshots(scene, case, result, outputs, roiPath, size):
         segmentationNode = _loadSegmentation(scene, roiPath, volume, geometry) if roiPath else None
         normalised = result.slices["normalised"]
         for index in result.flagged_indices:
-            path = outputs.image_path(f"{case.name}_slice{index}.png")
+            path = outputs.image_path(outputs.files.snapshot(index).name)
             renderSliceSnapshot(volume, heat, segmentationNode, index, path, size=size, score=float(normalised[index]))
     finally:
         removeNodesAddedSince(scene, before)
@@ -191,46 +191,43 @@ def scoreFolder(modelPath, inputFolder, outputFolder, device="auto", batchSize=N
     {"case", "error"} for a case that could not be scored. `progress(done, total)` counts per mille of
     the whole folder; `cancel()` stops with CancelledError (finished cases keep their files).
     """
-    from AnomalyFlagLib.io.datasets import discover_cases, roi_for_case
-    from AnomalyFlagLib.io.scored_case import CaseOutputs, prepare_output_dir
+    from AnomalyFlagLib.io.datasets import discover_cases
+    from AnomalyFlagLib.io.scored_case import ScoreOptions, score_cases
 
     log = log or logging.info
     cases = discover_cases(inputFolder, "input")
     scorer = getScorer(modelPath, device, batchSize)
-    outputFolder = prepare_output_dir(outputFolder)
     scene = slicer.mrmlScene if snapshots and slicer.mrmlScene is not None else None
     if snapshots and scene is None:
         scene = slicer.vtkMRMLScene()
     total = 1000 * len(cases)
-    summaries = []
-    for ci, case in enumerate(cases):
-        if cancel is not None and cancel():
-            raise CancelledError(f"scoring of folder '{inputFolder}' was cancelled before case {case.name}.")
 
-        def caseProgress(done, count, ci=ci):
+    def caseProgress(ci, case):
+        def report(done, count):
             if progress is not None:
                 progress(1000 * ci + int(900 * done / max(count, 1)), total)
 
-        try:
-            with CaseOutputs(outputFolder, case.name) as outputs:
-                roiPath = roi_for_case(case, roiFolder, len(cases) == 1)
-                result = outputs.score(scorer, case.image, roi=roiPath, roi_labels=roiLabels, roi_margin_mm=roiMarginMm,
-                                       progress=caseProgress, cancel=cancel)  # fmt: skip
-                if snapshots and result.flagged_indices:
-                    _caseSnapshots(scene, case, result, outputs, roiPath, snapshotSize)
-                extra = {"image": str(Path(case.image).resolve())}  # as `anomalyflag score` records it
-                summary = outputs.publish(result, extra_summary=extra)
-            summary["snapshots"] = list(outputs.images)
+        return report
+
+    def caseSnapshots(case, result, outputs, roiPath):
+        _caseSnapshots(scene, case, result, outputs, roiPath, snapshotSize)
+
+    options = ScoreOptions(roi=roiFolder, roi_labels=roiLabels, roi_margin_mm=roiMarginMm)
+    summaries = []
+    outcomes = score_cases(scorer, cases, outputFolder, options, caseSnapshots if snapshots else None,
+                           caseProgress, cancel)  # fmt: skip
+    for ci, outcome in enumerate(outcomes):
+        case, result = outcome.case, outcome.result
+        if outcome.error is not None:
+            summary = {"case": case.name, "error": str(outcome.error)}
+            log(f"{case.name}: FAILED: {outcome.error}")
+        else:
+            summary = dict(outcome.summary, snapshots=outcome.images)
             flagged = result.flagged_indices
             log(f"{case.name}: {len(flagged)} of {len(result.slices)} slices flagged"
                 f"{': ' + ', '.join(map(str, flagged)) if flagged else ''}")  # fmt: skip
             if result.warnings:
                 log(f"{case.name}: WARNING: {result.warning_text()}")
-        except CancelledError:
-            raise
-        except AnomalyFlagError as exc:
-            summary = {"case": case.name, "error": str(exc)}
-            log(f"{case.name}: FAILED: {exc}")
         summaries.append(summary)
         if progress is not None:
             progress(1000 * (ci + 1), total)

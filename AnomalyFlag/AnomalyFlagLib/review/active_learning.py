@@ -17,8 +17,9 @@ from typing import Dict, List, Optional
 
 from ..atomic_files import write_text_atomic
 from ..errors import InputError, SessionError
+from ..io.scored_case import SIDECAR_SUFFIX, SUMMARY_SUFFIX, CaseFiles, read_scored_case, reviewed_cases, scored_cases
 from .label_versions import latest_version
-from .session import current_decisions, load_sidecar, read_case_outputs, utc_now
+from .session import current_decisions, load_sidecar, utc_now
 
 logger = logging.getLogger(__name__)
 
@@ -26,8 +27,6 @@ WORKLIST_NAME = "worklist.csv"
 WORKLIST_COLUMNS = (
     "rank", "case", "max_normalised_score", "flagged_slices", "mean_anomaly_fraction", "num_slices", "case_path",
 )  # fmt: skip
-SUMMARY_SUFFIX = "_summary.json"
-SIDECAR_SUFFIX = "_review.json"
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -39,13 +38,13 @@ def scored_case_names(outputs_dir) -> List[str]:
     outputs_dir = Path(outputs_dir)
     if not outputs_dir.is_dir():
         raise InputError(f"scores folder '{outputs_dir}' does not exist.")
-    return sorted(p.name[: -len(SUMMARY_SUFFIX)] for p in outputs_dir.glob(f"*{SUMMARY_SUFFIX}") if p.is_file())
+    return scored_cases(outputs_dir)
 
 
 def case_metrics(outputs_dir, case: str) -> dict:
     """A scored case's ranking figures from its summary and slice table."""
     try:
-        summary, table = read_case_outputs(outputs_dir, case)
+        summary, table = read_scored_case(outputs_dir, case)
     except SessionError as exc:
         raise InputError(str(exc)) from None
     scores = [r["normalised"] for r in table if r["normalised"] is not None]
@@ -160,7 +159,7 @@ def _source_paths(outputs_dir, images_dir, names) -> Dict[str, Path]:
             sidecar = None
         if sidecar:
             candidates.append(sidecar["image"].get("path"))
-        summary_path = outputs_dir / f"{name}{SUMMARY_SUFFIX}"
+        summary_path = CaseFiles(outputs_dir, name).summary
         try:
             summary = json.loads(summary_path.read_text(encoding="utf-8"))
             candidates += [summary.get("image"), summary.get("source_image")]
@@ -201,24 +200,23 @@ def export_training_datalist(outputs_dir, output_json, images_dir=None) -> dict:
     output_json = Path(output_json)
     if not outputs_dir.is_dir():
         raise InputError(f"outputs folder '{outputs_dir}' does not exist.")
-    sidecars = sorted(p for p in outputs_dir.glob(f"*{SIDECAR_SUFFIX}") if p.is_file())
-    if not sidecars:
+    cases = reviewed_cases(outputs_dir)
+    if not cases:
         raise InputError(f"outputs folder '{outputs_dir}' holds no review sessions (*{SIDECAR_SUFFIX}).")
     base = output_json.parent if str(output_json.parent) else Path(".")
     base.mkdir(parents=True, exist_ok=True)
     entries, skipped = [], []
     reviewers, fingerprints = set(), set()
-    decisions_total = recontoured_total = reviewed_cases = 0
+    decisions_total = recontoured_total = cases_reviewed = 0
     found_images = None
-    for sidecar in sidecars:
-        case = sidecar.name[: -len(SIDECAR_SUFFIX)]
+    for case in cases:
         try:
             data = load_sidecar(outputs_dir, case)
         except SessionError as exc:
             skipped.append({"case": case, "reason": str(exc)})
             continue
         decided = current_decisions(data)
-        reviewed_cases += 1
+        cases_reviewed += 1
         recontoured = sorted(k for k, d in decided.items() if d["decision"] == "recontoured")
         if not recontoured:
             continue
@@ -257,7 +255,7 @@ def export_training_datalist(outputs_dir, output_json, images_dir=None) -> dict:
     if not entries:
         reasons = "; ".join(f"{s['case']}: {s['reason']}" for s in skipped)
         raise InputError(
-            f"no recontoured case in '{outputs_dir}' can be exported ({reviewed_cases} reviewed)"
+            f"no recontoured case in '{outputs_dir}' can be exported ({cases_reviewed} reviewed)"
             f"{': ' + reasons if reasons else ''}; '{output_json}' was not written."
         )
     datalist = {
@@ -265,7 +263,7 @@ def export_training_datalist(outputs_dir, output_json, images_dir=None) -> dict:
         "metadata": {
             "created": utc_now(),
             "source": _relative(outputs_dir, base),
-            "cases_reviewed": reviewed_cases,
+            "cases_reviewed": cases_reviewed,
             "cases_exported": len(entries),
             "reviewers": sorted(reviewers),
             "decisions": decisions_total,

@@ -7,30 +7,12 @@ overwrite each other.
 """
 
 import os
-import re
 from pathlib import Path
 from typing import Callable, List, Optional, Tuple
 
 from ..atomic_files import fsync_dir
-from ..errors import InputError, SessionError
-
-SUFFIX = ".seg.nrrd"
-
-
-def _check_case(case: str) -> str:
-    if not case or any(sep in case for sep in ("/", "\\", os.sep)) or case in (".", ".."):
-        raise InputError(f"case name '{case}' cannot be used in a file name.")
-    return case
-
-
-def version_pattern(case: str) -> "re.Pattern":
-    return re.compile(rf"^{re.escape(_check_case(case))}_seg_v(\d+){re.escape(SUFFIX)}$")
-
-
-def version_path(folder, case: str, version: int) -> Path:
-    if version < 1:
-        raise ValueError(f"label versions start at 1, not {version}")
-    return Path(folder) / f"{_check_case(case)}_seg_v{version}{SUFFIX}"
+from ..errors import SessionError
+from ..io.scored_case import LABEL_SUFFIX, CaseFiles
 
 
 def list_versions(folder, case: str) -> List[Tuple[int, Path]]:
@@ -38,7 +20,7 @@ def list_versions(folder, case: str) -> List[Tuple[int, Path]]:
     folder = Path(folder)
     if not folder.is_dir():
         return []
-    pattern = version_pattern(case)
+    pattern = CaseFiles(folder, case).label_version_pattern
     found = []
     for entry in folder.iterdir():
         match = pattern.match(entry.name)
@@ -56,7 +38,7 @@ def latest_version(folder, case: str) -> Optional[Path]:
 def next_version_path(folder, case: str) -> Path:
     """The path the next version would take: one above the highest existing number (gaps are not reused)."""
     versions = list_versions(folder, case)
-    return version_path(folder, case, versions[-1][0] + 1 if versions else 1)
+    return CaseFiles(folder, case).label_version(versions[-1][0] + 1 if versions else 1)
 
 
 def write_new_version(folder, case: str, write: Callable[[Path], None], attempts: int = 100) -> Path:
@@ -65,7 +47,7 @@ def write_new_version(folder, case: str, write: Callable[[Path], None], attempts
     folder = Path(folder)
     if not folder.is_dir():
         raise SessionError(f"folder '{folder}' for the edited segmentation does not exist.")
-    tmp = folder / f".{_check_case(case)}_seg_tmp{os.getpid()}{SUFFIX}"
+    tmp = folder / f".{CaseFiles(folder, case).case}_seg_tmp{os.getpid()}{LABEL_SUFFIX}"
     try:
         write(tmp)
         if not tmp.is_file():

@@ -10,7 +10,6 @@ A sidecar written for another model or another image, a damaged sidecar, or one 
 refused with a SessionError and left exactly as it is. See SIDECAR_FORMAT for the file layout.
 """
 
-import csv
 import hashlib
 import json
 import logging
@@ -29,6 +28,7 @@ import numpy as np
 from ..atomic_files import write_text_atomic
 from ..errors import InputError, SessionError
 from ..geometry import Geometry
+from ..io.scored_case import CaseFiles, read_scored_case
 from ..orientation import AxialFrame
 
 logger = logging.getLogger(__name__)
@@ -72,16 +72,6 @@ SIDECAR_FORMAT = """\
 
 def utc_now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
-
-
-def review_paths(case_dir, case: str) -> Dict[str, Path]:
-    case_dir = Path(case_dir)
-    return {
-        "sidecar": case_dir / f"{case}_review.json",
-        "lock": case_dir / f"{case}_review.lock",
-        "summary": case_dir / f"{case}_summary.json",
-        "slices": case_dir / f"{case}_slices.csv",
-    }
 
 
 def _sha256_json(data) -> str:
@@ -152,17 +142,6 @@ def write_json_durably(path: Path, data: dict) -> None:
     write_text_atomic(path, _dumps(data))
 
 
-def _finite_or_none(value) -> Optional[float]:
-    if value is None or value == "":
-        return None
-    value = float(value)
-    return value if math.isfinite(value) else None
-
-
-# ----------------------------------------------------------------------------------------------------
-# Change measure
-
-
 def slice_change(
     original_label: np.ndarray,
     edited_label: np.ndarray,
@@ -204,43 +183,6 @@ def slice_change(
 
 # ----------------------------------------------------------------------------------------------------
 # Case outputs -> queue
-
-
-def read_case_outputs(case_dir, case: str) -> Tuple[dict, List[dict]]:
-    """The case's summary JSON and slice rows from `anomalyflag score` outputs."""
-    paths = review_paths(case_dir, case)
-    if not paths["summary"].is_file():
-        raise SessionError(
-            f"no scoring outputs for case '{case}' in '{case_dir}' ({paths['summary'].name} is missing); "
-            "score the case first."
-        )
-    try:
-        summary = json.loads(paths["summary"].read_text(encoding="utf-8"))
-        with open(paths["slices"], newline="", encoding="utf-8") as f:
-            rows = list(csv.DictReader(f))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise SessionError(f"scoring outputs of case '{case}' in '{case_dir}' cannot be read: {exc}") from None
-    if not isinstance(summary, dict) or "geometry" not in summary or "flagged_slices" not in summary:
-        raise SessionError(f"'{paths['summary']}' is not an AnomalyFlag case summary.")
-    try:
-        table = [
-            {
-                "slice": int(r["index"]),
-                "z_mm": float(r["z_mm"]),
-                "normalised": _finite_or_none(r["normalised"]),
-                "flagged": r["flagged"].strip() in ("1", "True", "true"),
-                "anomaly_fraction": _finite_or_none(r.get("anomaly_fraction")),
-            }
-            for r in rows
-        ]
-    except (KeyError, ValueError, AttributeError) as exc:
-        raise SessionError(f"'{paths['slices']}' is damaged: {exc}") from None
-    flagged = sorted(r["slice"] for r in table if r["flagged"])
-    if flagged != sorted(int(k) for k in summary["flagged_slices"]):
-        raise SessionError(
-            f"'{paths['slices']}' and '{paths['summary']}' disagree on the flagged slices; score the case again."
-        )
-    return summary, table
 
 
 def build_queue(table: List[dict], order: str) -> List[dict]:
@@ -418,7 +360,7 @@ def _acquire_lock(lock_path: Path, case: str, reviewer: str) -> dict:
 
 def break_lock(case_dir, case: str) -> Optional[dict]:
     """Remove a case's review lock whatever its holder (after asking the user); returns the holder."""
-    lock = review_paths(case_dir, case)["lock"]
+    lock = CaseFiles(case_dir, case).lock
     holder = read_lock(lock)
     try:
         lock.unlink()
@@ -488,9 +430,9 @@ class ReviewSession:
         self.summary = summary
         self._data = data
         self._lock = lock_info
-        paths = review_paths(case_dir, case)
-        self.sidecar_path = paths["sidecar"]
-        self.lock_path = paths["lock"]
+        paths = CaseFiles(case_dir, case)
+        self.sidecar_path = paths.sidecar
+        self.lock_path = paths.lock
 
     # -- opening --------------------------------------------------------------------------------------
 
@@ -520,7 +462,7 @@ class ReviewSession:
             raise InputError("a review needs the reviewer's name.")
         if not case_dir.is_dir():
             raise SessionError(f"case output folder '{case_dir}' does not exist.")
-        summary, table = read_case_outputs(case_dir, case)
+        summary, table = read_scored_case(case_dir, case)
         order = _resolve_order(order, summary)
         outputs_model = summary.get("model_fingerprint")
         if model_fingerprint is not None and model_fingerprint != outputs_model:
@@ -529,23 +471,23 @@ class ReviewSession:
                 f"(fingerprint {outputs_model}), not by the model in use (fingerprint {model_fingerprint}); "
                 "score it again with this model before reviewing."
             )
-        paths = review_paths(case_dir, case)
-        lock_info = _acquire_lock(paths["lock"], case, reviewer)
+        paths = CaseFiles(case_dir, case)
+        lock_info = _acquire_lock(paths.lock, case, reviewer)
         try:
             session = cls._open_locked(
                 case_dir, case, reviewer, summary, table, order, outputs_model, image_fingerprint,
                 image_path, segmentation_path, lock_info,
             )  # fmt: skip
         except BaseException:
-            _release(paths["lock"], lock_info["token"])
+            _release(paths.lock, lock_info["token"])
             raise
         return session
 
     @classmethod
     def _open_locked(cls, case_dir, case, reviewer, summary, table, order, model_fp, image_fp, image_path,
                      segmentation_path, lock_info) -> "ReviewSession":  # fmt: skip
-        paths = review_paths(case_dir, case)
-        sidecar = paths["sidecar"]
+        paths = CaseFiles(case_dir, case)
+        sidecar = paths.sidecar
         for leftover in case_dir.glob(f".{sidecar.name}.tmp*"):  # from a writer that died mid-save
             try:
                 leftover.unlink()
@@ -816,7 +758,7 @@ def _release(lock_path: Path, token: str) -> None:
 
 def load_sidecar(case_dir, case: str) -> Optional[dict]:
     """Read a case's review sidecar without opening a session (no lock): None when there is none."""
-    path = review_paths(case_dir, case)["sidecar"]
+    path = CaseFiles(case_dir, case).sidecar
     try:
         raw = path.read_bytes()
     except FileNotFoundError:

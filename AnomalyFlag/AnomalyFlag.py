@@ -1086,7 +1086,8 @@ class AnomalyFlagLogic(ScriptedLoadableModuleLogic):
         sidecar is then left unchanged and the previously open review stays closed.
         """
         from AnomalyFlagLib.geometry import Geometry
-        from AnomalyFlagLib.review.session import ReviewSession, read_case_outputs
+        from AnomalyFlagLib.io.scored_case import read_scored_case
+        from AnomalyFlagLib.review.session import ReviewSession
 
         errors = self._errors()
         outputFolder = pathlib.Path(str(outputFolder))
@@ -1100,7 +1101,7 @@ class AnomalyFlagLogic(ScriptedLoadableModuleLogic):
             volumeNode = loaded["volume"]
             segmentationNode = segmentationNode or loaded["segmentation"]
         heatmapNode = loaded["heatmap"] if loaded is not None and volumeNode is loaded["volume"] else None
-        summary, _table = read_case_outputs(outputFolder, case)
+        summary, _table = read_scored_case(outputFolder, case)
         imageFingerprint = imagePath = None
         review = _bridge("review")
         if volumeNode is not None:

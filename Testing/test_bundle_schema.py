@@ -235,6 +235,7 @@ def _mutations(base, seed=0, repeats=2, extra=60):
         yield meta, "; ".join(labels)
 
 
+@pytest.mark.slow
 def test_fuzzed_metadata_either_loads_and_scores_or_fails_with_one_bundle_error(
     tiny_model, base_meta, small_scan, tmp_path, capsys
 ):

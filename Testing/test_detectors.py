@@ -83,6 +83,7 @@ def mean_backend():
     BACKENDS.pop(MeanBackend.name)
 
 
+@pytest.mark.slow
 def test_a_registered_backend_runs_through_every_public_command(
     mean_backend, phantom_normal_dir, phantom_anomalous_dir, tmp_path, capsys
 ):

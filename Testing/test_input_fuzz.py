@@ -123,6 +123,7 @@ def _check(rc, err, out, input_name, label):
     return "refused"
 
 
+@pytest.mark.slow
 def test_mutated_inputs_are_scored_or_refused_clearly(tiny_model, originals, tmp_path, capsys):
     started = time.perf_counter()
     rng = np.random.default_rng(SEED)

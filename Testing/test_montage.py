@@ -21,7 +21,7 @@ def test_keeps_the_highest_slices_only():
         kept.offer(k0, image, heat, None, scores[k0 : k0 + 8])
     assert sorted(kept.slices) == sorted(np.argsort(np.nan_to_num(scores, nan=-1))[-6:].tolist())
     for k, (score, image, heat, roi) in kept.slices.items():
-        assert score == scores[k] and (image == k).all() and roi is None
+        assert score == scores[k] and (image == k).all() and (heat == 3).all() and roi is None
 
 
 @pytest.mark.slow

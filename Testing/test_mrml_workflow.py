@@ -276,6 +276,7 @@ def test_scene_save_and_reload_keeps_everything(mrml_scene, case, tiny_model, tm
         close_scene(scene, logics)
 
 
+@pytest.mark.slow
 def test_score_folder_writes_the_cli_files_and_snapshots(mrml_scene, phantom_anomalous_dir, flagging_model, tmp_path):
     from AnomalyFlagLib.cli import main
     from AnomalyFlagMRML.workflow import scoreFolder
@@ -313,6 +314,7 @@ def test_score_folder_writes_the_cli_files_and_snapshots(mrml_scene, phantom_ano
     assert png.GetSize() == (192, 192) and png.GetNumberOfComponentsPerPixel() == 3
 
 
+@pytest.mark.slow
 def test_score_folder_reports_a_scan_unlike_the_training_data(mrml_scene, phantom_normal_dir, tiny_model, tmp_path):
     from AnomalyFlagMRML.workflow import scoreFolder
 

@@ -152,6 +152,7 @@ def _score_in_child(args, limit_bytes=None, timeout=300):
                             preexec_fn=limit)  # fmt: skip
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(sys.platform == "win32", reason="RLIMIT_FSIZE is POSIX")
 def test_a_full_disk_ends_in_a_clear_error_and_keeps_the_previous_set(tiny_model, phantom_normal_dir, tmp_path):
     out = tmp_path / "out"
@@ -166,6 +167,7 @@ def test_a_full_disk_ends_in_a_clear_error_and_keeps_the_previous_set(tiny_model
     assert {p.name: _digest(p) for p in out.iterdir()} == before, "the previous outputs are untouched"
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(sys.platform == "win32", reason="SIGKILL is POSIX")
 def test_killing_a_rerun_at_random_points_leaves_one_consistent_set_per_case(
     tiny_model, flagging_model, phantom_normal_dir, phantom_anomalous_dir, tmp_path
@@ -228,6 +230,7 @@ def test_an_os_error_while_staging_becomes_an_output_error_and_stages_nothing(tm
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.slow
 def test_a_file_system_refusal_anywhere_is_a_clean_error(tiny_model, phantom_normal_dir, tmp_path, capsys):
     a_file = tmp_path / "a_file"
     a_file.write_text("x")

@@ -450,6 +450,7 @@ while True:
 """
 
 
+@pytest.mark.slow
 def test_killed_writer_keeps_every_returned_decision(case_dir):
     rng = random.Random(1234)
     queue = BY_SCORE

@@ -50,6 +50,7 @@ def test_result_has_one_row_per_slice_and_heatmap_in_input_geometry(scorer, case
     assert np.allclose(np.diff(z), image.GetSpacing()[2], atol=1e-3)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("suffix,compress", [(".nrrd", False), (".nrrd", True), (".nii", False), (".mha", False)])
 def test_streamed_file_scores_equal_in_memory_scores(scorer, case_image, tmp_path, suffix, compress):
     path = tmp_path / f"case{suffix}"

@@ -28,6 +28,7 @@ def _train(data, out, **kwargs):
     return train(data, out, backend, architecture, options, preprocess, device="cpu", **kwargs)
 
 
+@pytest.mark.slow
 def test_training_is_repeatable_with_a_seed(phantom_normal_dir, tiny_model, tmp_path):
     again = _train(phantom_normal_dir, tmp_path / "again")
     a, b = _weights(tiny_model), _weights(again)
@@ -38,6 +39,7 @@ def test_training_is_repeatable_with_a_seed(phantom_normal_dir, tiny_model, tmp_
     )
 
 
+@pytest.mark.slow
 def test_cancelled_training_resumes_to_the_same_model(phantom_normal_dir, tiny_model, tmp_path):
     out = tmp_path / "resumed"
     steps = []
@@ -55,6 +57,7 @@ def test_cancelled_training_resumes_to_the_same_model(phantom_normal_dir, tiny_m
     assert not (tmp_path / "resumed.partial").exists()
 
 
+@pytest.mark.slow
 def test_resume_refuses_a_checkpoint_from_other_settings(phantom_normal_dir, tmp_path):
     steps = []
     with pytest.raises(CancelledError):
@@ -65,6 +68,7 @@ def test_resume_refuses_a_checkpoint_from_other_settings(phantom_normal_dir, tmp
         _train(phantom_normal_dir, tmp_path / "m", seed=99, resume=True)
 
 
+@pytest.mark.slow
 def test_time_budget_ends_training_and_still_calibrates(phantom_normal_dir, tmp_path):
     backend, architecture, options, preprocess = tiny_configs()
     options.iterations = 10**6
@@ -84,6 +88,7 @@ def test_time_budget_ends_training_and_still_calibrates(phantom_normal_dir, tmp_
     assert json.loads((again / "metadata.json").read_text())["training"]["steps"][backend] == steps
 
 
+@pytest.mark.slow
 def test_training_from_a_single_patient_warns_and_calibrates_on_its_own_slices(tmp_path):
     make_phantom(num_slices=48, size=64, seed=3).save(tmp_path / "one", "patient")
     logs = []
@@ -125,6 +130,7 @@ def test_datalist_input(phantom_normal_dir, tmp_path):
         discover_cases(bad)
 
 
+@pytest.mark.slow
 def test_recalibration_on_new_normal_data(tiny_model, phantom_normal_dir, tmp_path):
     out = recalibrate(tiny_model, phantom_normal_dir, tmp_path / "recal", target_rate=0.1, device="cpu",
                       log=lambda s: None)  # fmt: skip
@@ -159,6 +165,7 @@ def test_calibration_refuses_too_little_or_broken_data():
         calibrate(np.r_[np.ones(20), np.nan], np.zeros(21), np.ones(5), num_cases=1)
 
 
+@pytest.mark.slow
 def test_mri_model_is_invariant_to_the_scanner_intensity_scale(phantom_normal_dir, phantom_anomalous_dir, tmp_path):
     from AnomalyFlagLib.config import PreprocessConfig
     from AnomalyFlagLib.scoring import Scorer

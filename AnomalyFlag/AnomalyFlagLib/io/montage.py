@@ -8,6 +8,7 @@ from typing import Optional
 
 import numpy as np
 
+from ..atomic_files import atomic_path
 from ..orientation import AxialFrame
 from ..results import HEATMAP_SCALE, CaseResult
 
@@ -78,5 +79,6 @@ def write_flagged_montage(
     fig.suptitle(f"{result.name}: {len(flagged)} flagged slice(s) of {len(scores)}", color="white", fontsize=11)
     fig.tight_layout(rect=(0, 0, 1, 1 - 0.35 / fig.get_figheight()))
     path = Path(path)
-    fig.savefig(path, facecolor="black")
+    with atomic_path(path, suffix=path.suffix) as tmp:
+        fig.savefig(tmp, facecolor="black")
     return path

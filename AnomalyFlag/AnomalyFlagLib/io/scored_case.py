@@ -20,7 +20,7 @@ from typing import Dict, List, Optional
 
 import numpy as np
 
-from ..atomic_files import fsync_dir, sha256_of, write_text_atomic
+from ..atomic_files import fsync_dir, sha256_of, write_json_atomic, write_text_atomic
 from ..errors import OutputError
 from ..geometry import Geometry
 from ..orientation import AxialFrame
@@ -30,20 +30,6 @@ from .nrrd_stream import NrrdSlabWriter
 STAGING_PREFIX = ".staging"
 _WRITE_ERRORS = {errno.ENOSPC, errno.EFBIG, errno.EROFS, getattr(errno, "EDQUOT", errno.ENOSPC)}
 _LEFTOVER = re.compile(r"^\.(?:.+\.(?:part|tmp)|staging)(\d+)")
-
-
-def _clean(value):
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {k: _clean(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_clean(v) for v in value]
-    return value
-
-
-def write_json(path, data: dict) -> Path:
-    return write_text_atomic(path, json.dumps(_clean(data), indent=2) + "\n")
 
 
 class ArrayHeatmapSink:
@@ -258,7 +244,7 @@ class CaseOutputs:
             summary["files"]["images"] = list(self.images)
         summary["sha256"] = {name: sha256_of(self.staging / name) for name in names}
         summary.update(extra_summary or {})
-        write_json(self.path("summary"), summary)
+        write_json_atomic(self.path("summary"), summary)
         for old in self._published():
             old.unlink()
         for name in names + [self.final["summary"].name]:

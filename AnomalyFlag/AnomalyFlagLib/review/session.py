@@ -26,7 +26,7 @@ from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
-from ..atomic_files import write_text_atomic
+from ..atomic_files import dumps_json, write_text_atomic
 from ..errors import InputError, SessionError
 from ..geometry import Geometry
 from ..orientation import AxialFrame
@@ -136,19 +136,20 @@ def image_fingerprint_of(image, geometry: Optional[Geometry] = None) -> str:
 
 
 def _dumps(data: dict) -> str:
-    """JSON with one top-level key per line and one list item (queue entry, decision) per line."""
+    """JSON (`dumps_json`) with one top-level key per line and one list item (queue entry, decision) per
+    line."""
     lines = []
     for key, value in data.items():
         if isinstance(value, list) and value:
-            items = ",\n".join("  " + json.dumps(v, allow_nan=False) for v in value)
-            lines.append(f" {json.dumps(key)}: [\n{items}\n ]")
+            items = ",\n".join("  " + dumps_json(v) for v in value)
+            lines.append(f" {dumps_json(key)}: [\n{items}\n ]")
         else:
-            lines.append(f" {json.dumps(key)}: {json.dumps(value, allow_nan=False)}")
+            lines.append(f" {dumps_json(key)}: {dumps_json(value)}")
     return "{\n" + ",\n".join(lines) + "\n}\n"
 
 
 def write_json_durably(path: Path, data: dict) -> None:
-    """Write the sidecar durably (see atomic_files.write_text_atomic)."""
+    """Write the sidecar durably (see atomic_files.atomic_path)."""
     write_text_atomic(path, _dumps(data))
 
 
@@ -400,7 +401,7 @@ def _acquire_lock(lock_path: Path, case: str, reviewer: str) -> dict:
             ) from None
         try:
             with os.fdopen(fd, "w", encoding="utf-8") as f:
-                f.write(json.dumps(info))
+                f.write(dumps_json(info))
                 f.flush()
                 os.fsync(f.fileno())
         except OSError as exc:

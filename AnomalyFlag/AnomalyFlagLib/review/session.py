@@ -174,7 +174,11 @@ def slice_change(
     """How much an edit changed one slice: Dice and changed voxel count between the original and the
     edited label on slice `slice_index` (slice axis as in the scoring: `AxialFrame`, or a Geometry to
     derive it from). Both labels are (k, j, i) arrays on the same grid; a voxel is foreground when it is
-    non-zero (or in `labels`). Two empty slices have Dice 1.0."""
+    non-zero (or in `labels`). Two empty slices have Dice 1.0. The Dice is MONAI's (imported here, so that
+    opening a review needs neither torch nor MONAI)."""
+    import torch
+    from monai.metrics import compute_dice
+
     original = np.asarray(original_label)
     edited = np.asarray(edited_label)
     if original.shape != edited.shape:
@@ -192,14 +196,15 @@ def slice_change(
         ma, mb = np.isin(a, list(labels)), np.isin(b, list(labels))
     else:
         ma, mb = a != 0, b != 0
-    na, nb = int(ma.sum()), int(mb.sum())
-    overlap = int(np.logical_and(ma, mb).sum())
-    dice = 1.0 if na + nb == 0 else 2.0 * overlap / (na + nb)
+    # one-hot (background, foreground) with a float64 reference, so the Dice is computed in double precision
+    edited_hot = torch.from_numpy(np.stack([~mb, mb])[None])
+    original_hot = torch.from_numpy(np.stack([~ma, ma])[None].astype(np.float64))
+    dice = compute_dice(edited_hot, original_hot, include_background=False, ignore_empty=False)
     return {
         "dice": float(dice),
         "changed_voxels": int(np.logical_xor(ma, mb).sum()),
-        "original_voxels": na,
-        "edited_voxels": nb,
+        "original_voxels": int(ma.sum()),
+        "edited_voxels": int(mb.sum()),
     }
 
 

@@ -74,6 +74,20 @@ def test_a_failure_part_way_ends_the_progress_line_first():
     assert done.stream.getvalue().count("\n") == 1
 
 
+def test_the_progress_bar_is_ascii_whatever_the_stream_encoding():
+    import io
+
+    from AnomalyFlagLib.progress import ProgressBar
+
+    stream = io.TextIOWrapper(io.BytesIO(), encoding="utf-8")
+    bar = ProgressBar("train generator", stream=stream, interval=0)
+    bar(5, 10, {"loss": 0.25})
+    bar(10, 10)
+    stream.flush()
+    text = stream.buffer.getvalue().decode("ascii")  # a child's stderr is read back in any locale
+    assert "10/10" in text and "loss 0.25" in text and text.endswith("\n")
+
+
 def test_missing_model_and_missing_gpu_are_reported(tiny_model, phantom_anomalous_dir, tmp_path, capsys):
     rc = main(["score", "--model", str(tmp_path / "nope"), "--input", str(phantom_anomalous_dir),
                "--output", str(tmp_path / "o")])  # fmt: skip

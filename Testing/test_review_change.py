@@ -38,6 +38,22 @@ def test_slice_change_dice_and_counts_on_one_axial_slice():
     assert everything["dice"] == 0.0 and everything["changed_voxels"] == 20
 
 
+def test_slice_change_dice_is_exact_in_double_precision_empty_slices_included():
+    geometry = Geometry((9, 7, 5), (1.0, 1.0, 1.0), (0, 0, 0), IDENTITY)
+    rng = np.random.default_rng(7)
+    for trial in range(40):
+        original, edited = (rng.random((2, 5, 7, 9)) < rng.random(2)[:, None, None, None] * 0.4).astype(np.uint8)
+        if trial % 3:
+            original[0] = 0  # slice 0 often empty in one label or both
+        if trial % 4:
+            edited[0] = 0
+        for k in range(5):
+            a, b = original[k] != 0, edited[k] != 0
+            total = int(a.sum() + b.sum())
+            expected = 1.0 if total == 0 else 2.0 * int((a & b).sum()) / total
+            assert slice_change(original, edited, k, geometry)["dice"] == expected
+
+
 def test_slice_change_follows_the_slice_axis_of_the_scoring():
     geometry = Geometry((10, 8, 6), (1.0, 1.0, 1.0), (0, 0, 0), CORONAL_STORED)
     frame = AxialFrame.from_geometry(geometry)

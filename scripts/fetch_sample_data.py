@@ -13,7 +13,8 @@ Usage::
     python scripts/fetch_sample_data.py --output DIR    # anywhere else
 
 Requires pip, numpy and setuptools in the running Python (pip runs the archive's build metadata step).
-Standard library only otherwise; Python >= 3.9. Other code can call ``fetch_pyradiomics_data(folder)``.
+Standard library and this repository's AnomalyFlagLib.atomic_files (the files are written through
+atomic_path) only otherwise; Python >= 3.9. Other code can call ``fetch_pyradiomics_data(folder)``.
 """
 
 import argparse
@@ -111,6 +112,9 @@ def _download_archive(folder: Path) -> Path:
 
 def _extract_data(archive: Path, output_dir: Path) -> Dict[str, Path]:
     """Extract data/*_image.nrrd and data/*_label.nrrd, by base name only (no paths from the archive)."""
+    sys.path.insert(0, str(REPO_ROOT / "AnomalyFlag"))
+    from AnomalyFlagLib.atomic_files import atomic_path  # needs numpy, checked before the download
+
     output_dir.mkdir(parents=True, exist_ok=True)
     written: Dict[str, Path] = {}
     with tarfile.open(archive, "r:gz") as tar:
@@ -125,10 +129,8 @@ def _extract_data(archive: Path, output_dir: Path) -> Dict[str, Path]:
             if source is None:
                 continue
             target = output_dir / name
-            partial = target.with_name(target.name + ".part")
-            with source, open(partial, "wb") as handle:
+            with source, atomic_path(target) as partial, open(partial, "wb") as handle:
                 shutil.copyfileobj(source, handle)
-            partial.replace(target)
             written[name] = target
     return written
 

@@ -17,7 +17,7 @@ import numpy as np
 import SimpleITK as sitk
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "AnomalyFlag"))
-from AnomalyFlagLib.io.volumes import case_name  # noqa: E402
+from AnomalyFlagLib.io.volumes import case_name, write_image_atomic  # noqa: E402
 from AnomalyFlagLib.phantom import ANOMALY_KINDS, insert_anomaly  # noqa: E402
 
 
@@ -47,7 +47,7 @@ def main() -> int:
             for array_out, suffix in ((volume, ""), (mask.astype(np.uint8), "_anomaly")):
                 written = sitk.GetImageFromArray(array_out)
                 written.CopyInformation(image)
-                sitk.WriteImage(written, str(out / f"{name}{suffix}.nrrd"), True)
+                write_image_atomic(written, out / f"{name}{suffix}.nrrd")
             print(f"{name}: {', '.join(map(str, kinds))}; {int(mask.any(axis=(1, 2)).sum())} anomalous slices")
     return 0
 

@@ -41,8 +41,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "AnomalyFlag"))
 sys.path.insert(0, str(ROOT / "scripts"))
 
+from AnomalyFlagLib.atomic_files import atomic_path, write_json_atomic  # noqa: E402
 from AnomalyFlagLib.detectors import BACKENDS, DEFAULT_BACKEND, backend_class  # noqa: E402
 from AnomalyFlagLib.evaluation.metrics import PixelAccumulator, roc_curve, slice_metrics  # noqa: E402
+from AnomalyFlagLib.io.volumes import write_image_atomic  # noqa: E402
 from AnomalyFlagLib.phantom import ANOMALY_KINDS, insert_anomaly, make_phantom  # noqa: E402
 from AnomalyFlagLib.preprocessing import body_mask  # noqa: E402
 from AnomalyFlagLib.scoring import HEATMAP_SCALE, Scorer  # noqa: E402
@@ -87,7 +89,7 @@ def make_phantom_sets(folder: Path, smoke: bool) -> dict:
             spec = clinic_anomaly(kind, rng)
             phantom = make_phantom(slices, size, spacing, seed=int(rng.integers(2**31)), anomalies=[spec])
             phantom.save(sets[kind], f"{KIND_LABELS[kind]}_{i:03d}")
-    done.write_text(json.dumps({"size": size, "slices": slices, "spacing": spacing, **counts}))
+    write_json_atomic(done, {"size": size, "slices": slices, "spacing": spacing, **counts}, indent=None)
     return sets
 
 
@@ -116,8 +118,8 @@ def make_real_ct_sets(folder: Path, sample: Path, copies: int) -> dict:
                 for data, suffix in ((volume, ""), (mask.astype(np.uint8), "_anomaly")):
                     out = sitk.GetImageFromArray(data)
                     out.CopyInformation(image)
-                    sitk.WriteImage(out, str(inserted / f"lung2_{KIND_LABELS[kind]}_{c}{suffix}.nrrd"), True)
-        done.write_text(json.dumps({"copies": copies}))
+                    write_image_atomic(out, inserted / f"lung2_{KIND_LABELS[kind]}_{c}{suffix}.nrrd")
+        write_json_atomic(done, {"copies": copies}, indent=None)
     return {"train": train, "lung2": sample / "lung2_image.nrrd", "lung2_label": sample / "lung2_label.nrrd",
             "inserted": inserted}  # fmt: skip
 
@@ -261,7 +263,8 @@ def write_png(path: Path, results: dict) -> None:
             if c == 0:
                 ax.set_ylabel("sensitivity", fontsize=8)
     fig.tight_layout()
-    fig.savefig(path)
+    with atomic_path(path, suffix=path.suffix) as tmp:
+        fig.savefig(tmp)
 
 
 def markdown(results: dict) -> str:
@@ -324,8 +327,7 @@ def main(argv=None) -> int:
                 backend, real["train"], model, minutes, steps["real_ct"], args.device
             )
             res["real_ct"] = evaluate_real_ct(model, real, args.device)
-        (out / "quality.json").write_text(json.dumps({"minutes": minutes, "smoke": args.smoke, "results": results},
-                                                     indent=1))  # fmt: skip
+        write_json_atomic(out / "quality.json", {"minutes": minutes, "smoke": args.smoke, "results": results}, indent=1)
         print(markdown({backend: res}), flush=True)
     write_png(out / "quality.png", results)
     print(markdown(results))

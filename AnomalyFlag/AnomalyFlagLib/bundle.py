@@ -11,10 +11,8 @@ anything.
 import datetime
 import hashlib
 import json
-import os
 import platform
 import re
-import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, Optional
@@ -24,7 +22,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from . import __version__
-from .atomic_files import sha256_of
+from .atomic_files import atomic_path, dumps_json, sha256_of
 from .calibration import Calibration
 from .config import (
     FieldError,
@@ -144,15 +142,12 @@ def _tensor_files(bundle: Bundle) -> Dict[str, torch.nn.Module]:
 
 
 def save_bundle(bundle: Bundle, path, training_summary: Optional[dict] = None) -> Path:
-    """Write the bundle folder atomically (a temporary folder renamed into place)."""
+    """Write the bundle folder atomically (a temporary folder, every file fsynced, renamed into place)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir()
     backend = bundle.backend
-    try:
+    with atomic_path(path) as tmp:
+        tmp.mkdir()
         weights = {}
         for name, net in _tensor_files(bundle).items():
             file = f"{name}.safetensors"
@@ -183,18 +178,7 @@ def save_bundle(bundle: Bundle, path, training_summary: Optional[dict] = None) -
             "weights": weights,
         }
         with open(tmp / METADATA_FILE, "w", encoding="utf-8") as f:
-            json.dump(metadata, f, indent=2)
-            f.write("\n")
-        if path.exists():
-            old = path.with_name(f".{path.name}.old{os.getpid()}")
-            os.replace(path, old)
-            os.replace(tmp, path)
-            shutil.rmtree(old)
-        else:
-            os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
+            f.write(dumps_json(metadata, indent=2) + "\n")
     bundle.path = path
     bundle.metadata = metadata
     return path

@@ -22,6 +22,9 @@ from typing import Dict, List, Optional, Sequence, Tuple, Union
 import numpy as np
 import SimpleITK as sitk
 
+from .atomic_files import atomic_path
+from .io.volumes import write_image_atomic
+
 ORGAN_LABELS: Dict[str, int] = {
     "background": 0,
     "body": 1,
@@ -104,7 +107,7 @@ class Phantom:
             "organs": self.organs.astype(np.uint8, copy=False),
         }
         for key, path in paths.items():
-            sitk.WriteImage(self.to_sitk(arrays[key]), str(path), True)
+            write_image_atomic(self.to_sitk(arrays[key]), path)
         return paths
 
 
@@ -753,6 +756,7 @@ def write_dicom_series(image: sitk.Image, folder, series_uid: str = "1.2.826.0.1
         }
         for key, value in tags.items():
             plane.SetMetaData(key, value)
-        writer.SetFileName(str(folder / f"slice{k:03d}.dcm"))
-        writer.Execute(plane)
+        with atomic_path(folder / f"slice{k:03d}.dcm", suffix=".dcm") as tmp:
+            writer.SetFileName(str(tmp))
+            writer.Execute(plane)
     return folder

@@ -2,7 +2,6 @@
 
 import hashlib
 import json
-import os
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -11,6 +10,7 @@ from typing import Callable, List, Optional
 import numpy as np
 import torch
 
+from .atomic_files import atomic_path
 from .bundle import Bundle, load_bundle, new_bundle, save_bundle
 from .calibration import Calibration, calibrate
 from .config import PreprocessConfig, ScoreConfig
@@ -64,12 +64,8 @@ class Checkpointer:
             "rng": generator.get_state(),
             "where": where,
         }
-        tmp = self.path.with_name(f"{self.path.name}.tmp{os.getpid()}")
-        with open(tmp, "wb") as f:
-            torch.save(state, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, self.path)
+        with atomic_path(self.path) as tmp:
+            torch.save(state, tmp)
 
 
 def _folds(slices: SliceSet) -> List[torch.Tensor]:

@@ -13,7 +13,6 @@ Conventions
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import warnings
@@ -22,7 +21,7 @@ from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
-from ..atomic_files import write_text_atomic
+from ..atomic_files import atomic_path, dumps_json, write_text_atomic
 from ..errors import InputError
 
 PathLike = Union[str, "os.PathLike[str]"]
@@ -550,43 +549,22 @@ def write_report_png(
             frameon=False,
         )
     try:
-        fig.savefig(path, dpi=dpi, format="png")
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, dpi=dpi, format="png")
     except OSError as exc:
         raise InputError(f"cannot write report PNG '{path}': {exc}") from exc
     return path
 
 
-def _to_json(value: Any) -> Any:
-    """Recursively convert numpy types to JSON natives; NaN and +/-inf become None."""
-    if isinstance(value, dict):
-        return {str(k): _to_json(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_to_json(v) for v in value]
-    if isinstance(value, np.ndarray):
-        return [_to_json(v) for v in value.tolist()]
-    if isinstance(value, (bool, np.bool_)):
-        return bool(value)
-    if isinstance(value, (int, np.integer)):
-        return int(value)
-    if isinstance(value, (float, np.floating)):
-        value = float(value)
-        return value if math.isfinite(value) else None
-    if isinstance(value, Path):
-        return str(value)
-    return value
-
-
 def write_report_json(path: PathLike, report: Dict[str, Any]) -> Path:
-    """Write ``report`` as indented JSON, atomically (temporary file + ``os.replace``).
-
-    NaN and +/-inf become ``null``; numpy scalars and arrays become JSON numbers and lists. Returns the
-    path written.
+    """Write ``report`` as indented JSON, atomically (``atomic_files.dumps_json``: NaN and +/-inf become
+    ``null``, numpy scalars and arrays JSON numbers and lists). Returns the path written.
     """
     if not isinstance(report, dict):
         raise InputError(f"report must be a dict, got {type(report).__name__}.")
     path = Path(path)
     try:
-        text = json.dumps(_to_json(report), indent=2, allow_nan=False)
+        text = dumps_json(report, indent=2)
     except (TypeError, ValueError) as exc:
         raise InputError(f"report cannot be written as JSON: {exc}") from exc
     try:

@@ -10,6 +10,7 @@ from typing import Dict, Optional, Tuple
 
 import numpy as np
 
+from ..atomic_files import atomic_path
 from ..orientation import AxialFrame
 from ..results import HEATMAP_DISPLAY_MAX, HEATMAP_SCALE, CaseResult, heatmap_colours
 
@@ -90,5 +91,6 @@ def write_flagged_montage(path, kept: MontageSlices, result: CaseResult, preproc
     fig.suptitle(f"{result.name}: {flagged} flagged slice(s) of {len(scores)}", color="white", fontsize=11)
     fig.tight_layout(rect=(0, 0, 1, 1 - 0.35 / fig.get_figheight()))
     path = Path(path)
-    fig.savefig(path, facecolor="black")
+    with atomic_path(path, suffix=path.suffix) as tmp:
+        fig.savefig(tmp, facecolor="black")
     return path

@@ -5,12 +5,12 @@ files (raw or gzip encoding) sequentially. Geometry always comes from SimpleITK'
 """
 
 import gzip
-import os
 from pathlib import Path
 from typing import Dict, Optional
 
 import numpy as np
 
+from ..atomic_files import atomic_path
 from ..errors import InputError
 from ..geometry import Geometry
 from .voxel_data import CheckedStream, VoxelData, check_data_length, check_voxel_data
@@ -138,8 +138,8 @@ class NrrdSlabWriter:
     def __init__(self, path, geometry: Geometry, key_values: Optional[Dict[str, str]] = None):
         self.path = Path(path)
         self.geometry = geometry
-        self.tmp = self.path.with_name(f".{self.path.name}.part{os.getpid()}")
-        self._file = open(self.tmp, "wb")
+        self._staged = atomic_path(self.path)
+        self._file = open(self._staged.tmp, "wb")
         d = geometry.direction_matrix * np.asarray(geometry.spacing)
         header = [
             "NRRD0004",
@@ -170,16 +170,12 @@ class NrrdSlabWriter:
             self.abort()
             raise ValueError(f"{self.path.name}: {self.written} of {self.geometry.size[2]} slices written")
         self._gzip.close()
-        self._file.flush()
-        os.fsync(self._file.fileno())
         self._file.close()
-        os.replace(self.tmp, self.path)
-        return self.path
+        return self._staged.commit()
 
     def abort(self) -> None:
         try:
             self._gzip.close()
             self._file.close()
         finally:
-            if self.tmp.exists():
-                self.tmp.unlink()
+            self._staged.abort()

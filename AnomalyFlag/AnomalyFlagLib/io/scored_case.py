@@ -28,7 +28,7 @@ from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from ..atomic_files import fsync_dir, sha256_of, write_text_atomic
+from ..atomic_files import fsync_dir, process_alive, sha256_of, write_json_atomic, write_text_atomic
 from ..errors import AnomalyFlagError, CancelledError, InputError, OutputError, SessionError
 from ..geometry import Geometry
 from ..orientation import AxialFrame
@@ -42,20 +42,6 @@ LABEL_SUFFIX = ".seg.nrrd"
 STAGING_PREFIX = ".staging"
 _WRITE_ERRORS = {errno.ENOSPC, errno.EFBIG, errno.EROFS, getattr(errno, "EDQUOT", errno.ENOSPC)}
 _LEFTOVER = re.compile(r"^\.(?:.+\.(?:part|tmp)|staging)(\d+)")
-
-
-def _clean(value):
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {k: _clean(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_clean(v) for v in value]
-    return value
-
-
-def write_json(path, data: dict) -> Path:
-    return write_text_atomic(path, json.dumps(_clean(data), indent=2) + "\n")
 
 
 class ArrayHeatmapSink:
@@ -270,7 +256,7 @@ def remove_leftovers(folder: Path) -> List[Path]:
     removed = []
     for entry in Path(folder).iterdir():
         match = _LEFTOVER.match(entry.name)
-        if match is None or _process_alive(int(match.group(1))):
+        if match is None or process_alive(int(match.group(1))):
             continue
         try:
             shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
@@ -278,26 +264,6 @@ def remove_leftovers(folder: Path) -> List[Path]:
         except OSError:
             pass
     return removed
-
-
-def _process_alive(pid: int) -> bool:
-    if pid == os.getpid():
-        return True
-    if os.name == "nt":
-        import ctypes
-
-        handle = ctypes.windll.kernel32.OpenProcess(0x1000, False, pid)  # PROCESS_QUERY_LIMITED_INFORMATION
-        if not handle:
-            return False
-        ctypes.windll.kernel32.CloseHandle(handle)
-        return True
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except OSError:
-        return True
-    return True
 
 
 class CaseOutputs:
@@ -383,7 +349,7 @@ class CaseOutputs:
             summary["files"]["images"] = list(self.images)
         summary["sha256"] = {name: sha256_of(self.staging / name) for name in names}
         summary.update(extra_summary or {})
-        write_json(self.path("summary"), summary)
+        write_json_atomic(self.path("summary"), summary)
         for old in self._published():
             old.unlink()
         for name in names + [self.final["summary"].name]:

@@ -2,13 +2,13 @@
 data (`voxel_data`), DICOM folders that are not one evenly spaced series (`dicom_series`), arrays that
 are not a real-valued 3D volume, and two inputs that would give one case name."""
 
-import os
 from pathlib import Path
 from typing import Dict, List, Optional
 
 import numpy as np
 import SimpleITK as sitk
 
+from ..atomic_files import atomic_path
 from ..errors import InputError, itk_reason
 from .dicom_series import dicom_series_files
 from .voxel_data import check_voxel_data
@@ -128,12 +128,7 @@ def validate_image(image: sitk.Image, name: str) -> None:
 
 
 def write_image_atomic(image: sitk.Image, path, compress: bool = True) -> None:
-    """Write an image through a temporary file and rename it, so a crash never leaves a partial file."""
+    """Write an image through `atomic_path`, so a crash never leaves a partial file."""
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}{''.join(path.suffixes)}")
-    try:
+    with atomic_path(path, suffix="".join(path.suffixes)) as tmp:
         sitk.WriteImage(image, str(tmp), useCompression=compress)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()

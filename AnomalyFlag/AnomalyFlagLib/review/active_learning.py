@@ -15,7 +15,7 @@ import os
 from pathlib import Path
 from typing import Dict, List, Optional
 
-from ..atomic_files import write_text_atomic
+from ..atomic_files import write_json_atomic, write_text_atomic
 from ..errors import InputError, SessionError
 from ..io.scored_case import SIDECAR_SUFFIX, SUMMARY_SUFFIX, CaseFiles, read_scored_case, reviewed_cases, scored_cases
 from .label_versions import latest_version
@@ -273,5 +273,5 @@ def export_training_datalist(outputs_dir, output_json, images_dir=None) -> dict:
             "skipped": skipped,
         },
     }
-    write_text_atomic(output_json, json.dumps(datalist, indent=2) + "\n")
+    write_json_atomic(output_json, datalist)
     return datalist

@@ -6,11 +6,10 @@ fails instead of replacing when another writer took the same number first, so tw
 overwrite each other.
 """
 
-import os
 from pathlib import Path
 from typing import Callable, List, Optional, Tuple
 
-from ..atomic_files import fsync_dir
+from ..atomic_files import atomic_path
 from ..errors import SessionError
 from ..io.scored_case import LABEL_SUFFIX, CaseFiles
 
@@ -43,36 +42,23 @@ def next_version_path(folder, case: str) -> Path:
 
 def write_new_version(folder, case: str, write: Callable[[Path], None], attempts: int = 100) -> Path:
     """Call `write(tmp_path)` to write the label to a temporary `.seg.nrrd` in FOLDER, then publish it as
-    the next free version. Returns the final path; an existing file is never replaced."""
+    the next free version (`atomic_path`'s exclusive commit). Returns the final path; an existing file is
+    never replaced."""
     folder = Path(folder)
     if not folder.is_dir():
         raise SessionError(f"folder '{folder}' for the edited segmentation does not exist.")
-    tmp = folder / f".{CaseFiles(folder, case).case}_seg_tmp{os.getpid()}{LABEL_SUFFIX}"
+    staged = atomic_path(folder / f"{CaseFiles(folder, case).case}_seg_new{LABEL_SUFFIX}", suffix=LABEL_SUFFIX)
     try:
-        write(tmp)
-        if not tmp.is_file():
-            raise SessionError(f"the edited segmentation of {case} was not written to '{tmp}'.")
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
+        write(staged.tmp)
+        if not staged.tmp.is_file():
+            raise SessionError(f"the edited segmentation of {case} was not written to '{staged.tmp}'.")
         for _ in range(attempts):
-            target = next_version_path(folder, case)
             try:
-                os.link(tmp, target)  # fails with FileExistsError rather than replacing
+                return staged.commit(next_version_path(folder, case), exclusive=True)
             except FileExistsError:
                 continue
-            except OSError:  # a file system without hard links: claim the name first, then fill it
-                try:
-                    os.close(os.open(str(target), os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644))
-                except FileExistsError:
-                    continue
-                os.replace(tmp, target)
-            fsync_dir(folder)
-            return target
         raise SessionError(f"no free version number for the edited segmentation of {case} in '{folder}'.")
     except OSError as exc:
         raise SessionError(f"cannot save the edited segmentation of {case} in '{folder}': {exc}") from None
     finally:
-        try:
-            tmp.unlink()
-        except OSError:
-            pass
+        staged.abort()

@@ -3,8 +3,8 @@
 A session lives in a sidecar JSON `<case>_review.json` next to the case's scoring outputs
 (`<case>_slices.csv`, `<case>_summary.json`). It is rewritten atomically after every decision (temporary
 file in the same folder, flush, fsync, rename, fsync of the folder), so a crash loses at most the decision
-being written. One writer at a time: `<case>_review.lock`, created with O_CREAT | O_EXCL, names the holder
-(pid, host, reviewer, time); a lock left by a dead process on this host is taken over with a warning.
+being written. One writer at a time: `<case>_review.lock` names the holder, and a lock left by a dead
+process on this host is taken over with a warning (see `lock`).
 
 A sidecar written for another model or another image, a damaged sidecar, or one from a newer format is
 refused with a SessionError and left exactly as it is. See SIDECAR_FORMAT for the file layout.
@@ -15,21 +15,17 @@ import json
 import logging
 import math
 import os
-import socket
-import time
-import uuid
-import warnings
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
-from ..atomic_files import write_text_atomic
+from ..atomic_files import dumps_json, write_text_atomic
 from ..errors import InputError, SessionError
 from ..geometry import Geometry
 from ..io.scored_case import CaseFiles, read_scored_case
 from ..orientation import AxialFrame
+from .lock import acquire_lock, describe_holder, read_lock, release_lock, utc_now
 
 logger = logging.getLogger(__name__)
 
@@ -38,9 +34,6 @@ FORMAT_VERSION = 1
 DECISIONS = ("accepted", "recontoured", "skipped")
 ORDERS = ("normalised", "roi", "auto")
 CHANGE_KEYS = ("dice", "changed_voxels", "original_voxels", "edited_voxels")
-DAMAGED_LOCK_GRACE_S = 60.0
-"""A lock file that cannot be parsed (its writer died while creating it) is taken over after this age."""
-
 SIDECAR_FORMAT = """\
 {
   "format": "anomalyflag-review",   "format_version": 1,
@@ -68,10 +61,6 @@ SIDECAR_FORMAT = """\
 
 # ----------------------------------------------------------------------------------------------------
 # Small helpers
-
-
-def utc_now() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 def _sha256_json(data) -> str:
@@ -126,19 +115,20 @@ def image_fingerprint_of(image, geometry: Optional[Geometry] = None) -> str:
 
 
 def _dumps(data: dict) -> str:
-    """JSON with one top-level key per line and one list item (queue entry, decision) per line."""
+    """JSON (`dumps_json`) with one top-level key per line and one list item (queue entry, decision) per
+    line."""
     lines = []
     for key, value in data.items():
         if isinstance(value, list) and value:
-            items = ",\n".join("  " + json.dumps(v, allow_nan=False) for v in value)
-            lines.append(f" {json.dumps(key)}: [\n{items}\n ]")
+            items = ",\n".join("  " + dumps_json(v) for v in value)
+            lines.append(f" {dumps_json(key)}: [\n{items}\n ]")
         else:
-            lines.append(f" {json.dumps(key)}: {json.dumps(value, allow_nan=False)}")
+            lines.append(f" {dumps_json(key)}: {dumps_json(value)}")
     return "{\n" + ",\n".join(lines) + "\n}\n"
 
 
 def write_json_durably(path: Path, data: dict) -> None:
-    """Write the sidecar durably (see atomic_files.write_text_atomic)."""
+    """Write the sidecar durably (see atomic_files.atomic_path)."""
     write_text_atomic(path, _dumps(data))
 
 
@@ -152,7 +142,11 @@ def slice_change(
     """How much an edit changed one slice: Dice and changed voxel count between the original and the
     edited label on slice `slice_index` (slice axis as in the scoring: `AxialFrame`, or a Geometry to
     derive it from). Both labels are (k, j, i) arrays on the same grid; a voxel is foreground when it is
-    non-zero (or in `labels`). Two empty slices have Dice 1.0."""
+    non-zero (or in `labels`). Two empty slices have Dice 1.0. The Dice is MONAI's (imported here, so that
+    opening a review needs neither torch nor MONAI)."""
+    import torch
+    from monai.metrics import compute_dice
+
     original = np.asarray(original_label)
     edited = np.asarray(edited_label)
     if original.shape != edited.shape:
@@ -170,14 +164,15 @@ def slice_change(
         ma, mb = np.isin(a, list(labels)), np.isin(b, list(labels))
     else:
         ma, mb = a != 0, b != 0
-    na, nb = int(ma.sum()), int(mb.sum())
-    overlap = int(np.logical_and(ma, mb).sum())
-    dice = 1.0 if na + nb == 0 else 2.0 * overlap / (na + nb)
+    # one-hot (background, foreground) with a float64 reference, so the Dice is computed in double precision
+    edited_hot = torch.from_numpy(np.stack([~mb, mb])[None])
+    original_hot = torch.from_numpy(np.stack([~ma, ma])[None].astype(np.float64))
+    dice = compute_dice(edited_hot, original_hot, include_background=False, ignore_empty=False)
     return {
         "dice": float(dice),
         "changed_voxels": int(np.logical_xor(ma, mb).sum()),
-        "original_voxels": na,
-        "edited_voxels": nb,
+        "original_voxels": int(ma.sum()),
+        "edited_voxels": int(mb.sum()),
     }
 
 
@@ -215,147 +210,6 @@ def _resolve_order(order: str, summary: dict) -> str:
 
 # ----------------------------------------------------------------------------------------------------
 # Lock file
-
-
-def _pid_alive(pid: int) -> bool:
-    if pid <= 0:
-        return False
-    if os.name == "nt":  # os.kill would terminate the process on Windows
-        import ctypes
-
-        kernel32 = ctypes.WinDLL("kernel32", use_last_error=True)
-        handle = kernel32.OpenProcess(0x1000, False, pid)  # PROCESS_QUERY_LIMITED_INFORMATION
-        if not handle:
-            return ctypes.get_last_error() == 5  # access denied: exists
-        code = ctypes.c_ulong()
-        kernel32.GetExitCodeProcess(handle, ctypes.byref(code))
-        kernel32.CloseHandle(handle)
-        return code.value == 259  # STILL_ACTIVE
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def read_lock(lock_path) -> Optional[dict]:
-    """The holder recorded in a lock file: {pid, host, reviewer, time, token}, {} when it cannot be
-    parsed, None when there is no lock."""
-    try:
-        raw = Path(lock_path).read_bytes()
-    except FileNotFoundError:
-        return None
-    except OSError:
-        return {}
-    try:
-        info = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError):
-        return {}
-    return info if isinstance(info, dict) else {}
-
-
-def describe_holder(info: dict) -> str:
-    if not info:
-        return "an unknown process (the lock file cannot be read)"
-    return (
-        f"{info.get('reviewer', '?')} (pid {info.get('pid', '?')} on {info.get('host', '?')}, "
-        f"since {info.get('time', '?')})"
-    )
-
-
-def _is_stale(info: dict, lock_path: Path) -> bool:
-    if not info:
-        try:
-            return time.time() - lock_path.stat().st_mtime > DAMAGED_LOCK_GRACE_S
-        except OSError:
-            return False
-    if info.get("host") != socket.gethostname():
-        return False
-    try:
-        return not _pid_alive(int(info.get("pid")))
-    except (TypeError, ValueError):
-        return False
-
-
-def _take_over(lock_path: Path, stale_bytes: bytes) -> bool:
-    """Move a stale lock aside; True when the file moved was the one judged stale."""
-    aside = lock_path.with_name(f".{lock_path.name}.stale{os.getpid()}")
-    try:
-        os.replace(lock_path, aside)
-    except FileNotFoundError:
-        return False
-    try:
-        moved = aside.read_bytes()
-    except OSError:
-        moved = None
-    if moved == stale_bytes:
-        aside.unlink()
-        return True
-    try:  # someone took it over in between: put their lock back
-        os.link(aside, lock_path)
-    except OSError:
-        pass
-    aside.unlink()
-    return False
-
-
-def _acquire_lock(lock_path: Path, case: str, reviewer: str) -> dict:
-    info = {
-        "pid": os.getpid(),
-        "host": socket.gethostname(),
-        "reviewer": reviewer,
-        "time": utc_now(),
-        "token": uuid.uuid4().hex,
-    }
-    for _ in range(5):
-        try:
-            fd = os.open(str(lock_path), os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-        except FileExistsError:
-            try:
-                stale_bytes = lock_path.read_bytes()
-            except FileNotFoundError:
-                continue
-            except OSError:
-                stale_bytes = b""
-            holder = read_lock(lock_path)
-            if holder is None:
-                continue
-            if not _is_stale(holder, lock_path):
-                raise SessionError(
-                    f"case '{case}' is being reviewed by {describe_holder(holder)}; only one reviewer can "
-                    f"write a session at a time. If that session is no longer running, delete '{lock_path}'."
-                ) from None
-            message = (
-                f"taking over the review lock of case '{case}' left by {describe_holder(holder)}, "
-                "which is no longer running"
-            )
-            logger.warning(message)
-            warnings.warn(message, stacklevel=3)
-            _take_over(lock_path, stale_bytes)
-            continue
-        except OSError as exc:
-            raise SessionError(
-                f"the output folder '{lock_path.parent}' is not writable ({exc.strerror or exc}); review "
-                "decisions could not be saved there. Choose a writable folder or fix its permissions."
-            ) from None
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
-                f.write(json.dumps(info))
-                f.flush()
-                os.fsync(f.fileno())
-        except OSError as exc:
-            try:
-                lock_path.unlink()
-            except OSError:
-                pass
-            raise SessionError(
-                f"cannot write the review lock '{lock_path}' ({exc.strerror or exc}); the output folder "
-                "is not usable for saving review decisions."
-            ) from None
-        return info
-    raise SessionError(f"could not take the review lock '{lock_path}'; another reviewer may be opening it.")
 
 
 def break_lock(case_dir, case: str) -> Optional[dict]:
@@ -472,14 +326,14 @@ class ReviewSession:
                 "score it again with this model before reviewing."
             )
         paths = CaseFiles(case_dir, case)
-        lock_info = _acquire_lock(paths.lock, case, reviewer)
+        lock_info = acquire_lock(paths.lock, case, reviewer)
         try:
             session = cls._open_locked(
                 case_dir, case, reviewer, summary, table, order, outputs_model, image_fingerprint,
                 image_path, segmentation_path, lock_info,
             )  # fmt: skip
         except BaseException:
-            _release(paths.lock, lock_info["token"])
+            release_lock(paths.lock, lock_info["token"])
             raise
         return session
 
@@ -732,7 +586,7 @@ class ReviewSession:
     def close(self) -> None:
         """Release the lock (the sidecar stays). Safe to call twice."""
         if self._lock is not None:
-            _release(self.lock_path, self._lock["token"])
+            release_lock(self.lock_path, self._lock["token"])
             self._lock = None
 
     def __enter__(self) -> "ReviewSession":
@@ -745,15 +599,6 @@ class ReviewSession:
         reviewed, total = self.progress()
         state = "closed" if self.closed else "open"
         return f"<ReviewSession {self.case} by {self.reviewer}: {reviewed}/{total} reviewed, {state}>"
-
-
-def _release(lock_path: Path, token: str) -> None:
-    holder = read_lock(lock_path)
-    if holder and holder.get("token") == token:
-        try:
-            lock_path.unlink()
-        except OSError:
-            pass
 
 
 def load_sidecar(case_dir, case: str) -> Optional[dict]:

@@ -1054,9 +1054,9 @@ class AnomalyFlagLogic(ScriptedLoadableModuleLogic):
         before, else the only or the first segment."""
         if segmentationNode is None:
             return None
-        review = _bridge("review")
+        segmentationBridge = _bridge("segmentation")
         if segmentId:
-            return review._requireSegmentId(segmentationNode, segmentId)
+            return segmentationBridge.requireSegmentId(segmentationNode, segmentId)
         segmentation = segmentationNode.GetSegmentation()
         if segmentation.GetNumberOfSegments() == 0:
             raise self._errors().InputError(
@@ -1064,7 +1064,7 @@ class AnomalyFlagLogic(ScriptedLoadableModuleLogic):
             )
         preferred = None
         if self.preferredSegmentName:
-            preferred = review._segmentId(segmentationNode, self.preferredSegmentName)
+            preferred = segmentationBridge.findSegmentId(segmentationNode, self.preferredSegmentName)
         return preferred or segmentation.GetNthSegmentID(0)
 
     def openReview(self, outputFolder, case, reviewer, volumeNode=None, segmentationNode=None, segmentId=None,
@@ -1277,7 +1277,8 @@ class AnomalyFlagLogic(ScriptedLoadableModuleLogic):
             original = review["original"]
             if original is not None and original.GetScene() is not None:
                 name = target["segmentName"]
-                found = bridge._segmentId(original, review["segmentId"]) or bridge._segmentId(original, name)
+                find = _bridge("segmentation").findSegmentId
+                found = find(original, review["segmentId"]) or find(original, name)
                 mask = (
                     bridge.segmentLabelmapArray(original, found, review["volume"])
                     if found

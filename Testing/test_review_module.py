@@ -102,7 +102,8 @@ def _assert_table_is_sidecar(table_node, out, case):
 
 def test_review_loop_end_to_end(module_on_mrml, mrml_scene, fresh_outputs, tmp_path):  # noqa: F811
     from AnomalyFlagMRML.navigation import sliceFrame
-    from AnomalyFlagMRML.review import loadSegmentationFile, segmentLabelmapArray
+    from AnomalyFlagMRML.review import segmentLabelmapArray
+    from AnomalyFlagMRML.segmentation import loadSegmentation
 
     scans, out = fresh_outputs
     rows = read_worklist(out / "worklist.csv")
@@ -163,7 +164,7 @@ def test_review_loop_end_to_end(module_on_mrml, mrml_scene, fresh_outputs, tmp_p
     assert [q["decision"] for q in logic.reviewQueue()[:3]] == ["accepted", "skipped", "recontoured"]
     v1 = out / f"{case}_seg_v1.seg.nrrd"
     assert v1.is_file() and organs_file.read_bytes() == organs_bytes
-    saved = loadSegmentationFile(v1, mrml_scene, "saved v1")
+    saved = loadSegmentation(v1, mrml_scene, "saved v1")
     np.testing.assert_array_equal(segmentLabelmapArray(saved, LIVER, volume), after)
     mrml_scene.RemoveNode(saved)
     with pytest.raises(InputError, match="Recontour on it first"):
@@ -205,9 +206,7 @@ def test_review_loop_end_to_end(module_on_mrml, mrml_scene, fresh_outputs, tmp_p
     fourth = queue[3]["slice"] if total > 3 else recontour
     logic.startRecontour(fourth)
     record = logic.finishRecontour(fourth)
-    bridge = module_on_mrml._bridge
-    grid = bridge("volumes").geometryFromVolumeNode(resumed["volume"])
-    original = bridge("workflow")._loadSegmentation(mrml_scene, organs_file, resumed["volume"], grid)
+    original = loadSegmentation(organs_file, mrml_scene, referenceVolumeNode=resumed["volume"])
     original_mask = segmentLabelmapArray(original, LIVER, resumed["volume"])
     assert record["change"] == slice_change(original_mask, after, fourth, frame)
     assert record["label"] == f"{case}_seg_v2.seg.nrrd" and v1.is_file()

@@ -27,6 +27,7 @@ from . import __version__
 from .atomic_files import sha256_of
 from .calibration import Calibration
 from .config import (
+    METADATA_FILE,
     FieldError,
     PreprocessConfig,
     ScoreConfig,
@@ -46,7 +47,6 @@ from .preprocessing import InputSpec
 
 FORMAT_NAME = "anomalyflag-model-bundle"
 FORMAT_VERSION = 2
-METADATA_FILE = "metadata.json"
 STATISTICS = "map_statistics"
 ORIENTATION = "axial slices along the voxel axis closest to S; rows A->P, columns R->L"
 POSITION_REFERENCE = "scan"

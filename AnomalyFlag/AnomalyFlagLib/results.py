@@ -60,6 +60,7 @@ class SliceTable:
 HEATMAP_SCALE = 0.02
 """Anomaly index per heatmap step: stored value * HEATMAP_SCALE = anomaly map / calibrated pixel
 threshold, so 1.0 (stored 50) is the pixel threshold and 255 stands for 5.1 or more."""
+HEATMAP_UNITS = "anomaly map / calibrated pixel threshold (1.0 = pixel threshold)"
 
 
 @dataclass
@@ -119,7 +120,7 @@ class CaseResult:
             "max_normalised_score": float(np.max(normalised)),
             "geometry": self.geometry.to_dict(),
             "heatmap_scale": self.heatmap_scale,
-            "heatmap_units": "anomaly map / calibrated pixel threshold (1.0 = pixel threshold)",
+            "heatmap_units": HEATMAP_UNITS,
             "columns": self.slices.descriptions,
             "slice_axis": "voxel axis closest to superior-inferior; index is the voxel index along it",
             "roi": self.roi,

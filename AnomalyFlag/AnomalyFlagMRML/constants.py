@@ -1,0 +1,47 @@
+"""Names the bridge and the module share: node attributes, references and roles, the heatmap colour table and
+the device choices. Those the library also uses are imported from it, not repeated."""
+
+from AnomalyFlagLib.config import METADATA_FILE as MODEL_METADATA_FILE  # noqa: F401 - for the module
+from AnomalyFlagLib.devices import DEVICE_CHOICES  # noqa: F401 - for the module
+from AnomalyFlagLib.results import HEATMAP_UNITS  # noqa: F401 - for heatmap.py
+
+# Node attributes
+ATTR_CASE = "AnomalyFlag.Case"
+ATTR_ROLE = "AnomalyFlag.Role"
+ATTR_MODEL = "AnomalyFlag.Model"
+ATTR_FINGERPRINT = "AnomalyFlag.ModelFingerprint"
+ATTR_THRESHOLD = "AnomalyFlag.Threshold"
+ATTR_SCALE = "AnomalyFlag.HeatmapScale"
+ATTR_UNITS = "AnomalyFlag.HeatmapUnits"
+ATTR_SERIES = "AnomalyFlag.Series"
+ATTR_SIDECAR = "AnomalyFlag.ReviewSidecar"
+ATTR_PROGRESS = "AnomalyFlag.ReviewProgress"
+ATTR_SAVED_VERSION = "AnomalyFlag.SavedVersion"
+
+# Values of ATTR_ROLE
+ROLE_HEATMAP = "heatmap"
+ROLE_SCORES = "scores"
+ROLE_CHART = "chart"
+ROLE_CHART_DATA = "chart data"
+ROLE_REVIEW = "review"
+
+# Node references
+INPUT_VOLUME_REFERENCE = "AnomalyFlag.InputVolume"
+SCORE_TABLE_REFERENCE = "AnomalyFlag.ScoreTable"
+CHART_REFERENCE = "AnomalyFlag.Chart"
+CHART_DATA_REFERENCE = "AnomalyFlag.ChartData"
+SEGMENTATION_REFERENCE = "AnomalyFlag.Segmentation"
+
+# The heatmap colour table
+COLOR_NODE_NAME = "AnomalyFlagHeatmap"
+DISPLAY_MAX_INDEX = 4.0
+"""Anomaly index shown at full red; the colour table spans stored values 0 .. DISPLAY_MAX_INDEX / scale."""
+COLOR_STOPS = (
+    (0.00, 0.00, 0.00, 0.00, 0.0),
+    (0.15, 0.55, 0.45, 0.00, 0.6),
+    (0.25, 1.00, 0.95, 0.10, 1.0),
+    (0.55, 1.00, 0.55, 0.00, 1.0),
+    (1.00, 0.90, 0.00, 0.00, 1.0),
+)
+"""(position in the table 0..1, r, g, b, alpha): transparent black at 0, yellow at the pixel threshold (index 1.0
+= 0.25 of the table), orange, then red from index 4."""

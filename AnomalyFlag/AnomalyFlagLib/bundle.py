@@ -25,6 +25,7 @@ from . import __version__
 from .atomic_files import atomic_path, dumps_json, sha256_of
 from .calibration import Calibration
 from .config import (
+    METADATA_FILE,
     FieldError,
     PreprocessConfig,
     ScoreConfig,
@@ -44,7 +45,6 @@ from .preprocessing import InputSpec
 
 FORMAT_NAME = "anomalyflag-model-bundle"
 FORMAT_VERSION = 2
-METADATA_FILE = "metadata.json"
 STATISTICS = "map_statistics"
 ORIENTATION = "axial slices along the voxel axis closest to S; rows A->P, columns R->L"
 POSITION_REFERENCE = "scan"

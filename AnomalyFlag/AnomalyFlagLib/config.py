@@ -14,6 +14,8 @@ import types
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any, List, Optional, Union, get_args, get_origin, get_type_hints
 
+METADATA_FILE = "metadata.json"
+"""The file of a bundle folder that holds its metadata; a folder without it is not a model bundle."""
 CT_WINDOWS = [[-160.0, 240.0], [-1000.0, 1000.0], [1000.0, 3000.0]]
 """Soft tissue (a 30 HU lesion moves this channel by 0.15), wide (air, fat, bone) and metal (above bone)."""
 MR_WINDOWS = [[0.0, 1.0]]

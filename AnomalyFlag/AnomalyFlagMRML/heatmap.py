@@ -11,52 +11,29 @@ import numpy as np
 import slicer
 from AnomalyFlagLib.errors import InputError
 from AnomalyFlagLib.geometry import require_same_geometry
-from AnomalyFlagLib.results import HEATMAP_SCALE
+from AnomalyFlagLib.results import HEATMAP_SCALE, heatmap_colours
 
-from .volumes import copyVolumeGeometry, geometryFromVolumeNode, updateVolumeNodeFromArray
-
-COLOR_NODE_NAME = "AnomalyFlagHeatmap"
-HEATMAP_UNITS = "residual / calibrated pixel threshold (1.0 = pixel threshold)"
-DISPLAY_MAX_INDEX = 4.0
-"""Anomaly index shown at full red; the colour table spans stored values 0 .. DISPLAY_MAX_INDEX / scale."""
-
-ATTR_SCALE = "AnomalyFlag.HeatmapScale"
-ATTR_UNITS = "AnomalyFlag.HeatmapUnits"
-ATTR_MODEL = "AnomalyFlag.Model"
-ATTR_FINGERPRINT = "AnomalyFlag.ModelFingerprint"
-ATTR_THRESHOLD = "AnomalyFlag.Threshold"
-ATTR_CASE = "AnomalyFlag.Case"
-ATTR_ROLE = "AnomalyFlag.Role"
-INPUT_VOLUME_REFERENCE = "AnomalyFlag.InputVolume"
-
-# (position in the table 0..1, r, g, b, alpha): transparent black at 0, yellow at the pixel threshold
-# (index 1.0 = 0.25 of the table), orange, then red from index 4.
-_COLOR_STOPS = (
-    (0.00, 0.00, 0.00, 0.00, 0.0),
-    (0.15, 0.55, 0.45, 0.00, 0.6),
-    (0.25, 1.00, 0.95, 0.10, 1.0),
-    (0.55, 1.00, 0.55, 0.00, 1.0),
-    (1.00, 0.90, 0.00, 0.00, 1.0),
+from .constants import (
+    ATTR_CASE,
+    ATTR_FINGERPRINT,
+    ATTR_MODEL,
+    ATTR_ROLE,
+    ATTR_SCALE,
+    ATTR_THRESHOLD,
+    ATTR_UNITS,
+    COLOR_NODE_NAME,
+    DISPLAY_MAX_INDEX,
+    HEATMAP_UNITS,
+    INPUT_VOLUME_REFERENCE,
+    ROLE_HEATMAP,
 )
-
-
-def heatmapColorArray(numberOfColors: int = 256) -> np.ndarray:
-    """RGBA (n, 4) floats of the heatmap colour table."""
-    stops = np.asarray(_COLOR_STOPS)
-    t = np.linspace(0.0, 1.0, numberOfColors)
-    return np.stack([np.interp(t, stops[:, 0], stops[:, c]) for c in range(1, 5)], axis=1)
-
-
-def _scene(scene=None):
-    scene = scene or slicer.mrmlScene
-    if scene is None:
-        raise InputError("There is no MRML scene (slicer.mrmlScene is not set).")
-    return scene
+from .scene import getScene
+from .volumes import copyVolumeGeometry, geometryFromVolumeNode, updateVolumeNodeFromArray
 
 
 def getOrCreateHeatmapColorNode(scene=None):
     """The "AnomalyFlagHeatmap" colour table node (created once per scene, saved with the scene)."""
-    scene = _scene(scene)
+    scene = getScene(scene)
     existing = scene.GetNodesByClassByName("vtkMRMLColorTableNode", COLOR_NODE_NAME)
     existing.InitTraversal()
     node = existing.GetNextItemAsObject()
@@ -67,7 +44,7 @@ def getOrCreateHeatmapColorNode(scene=None):
     node.SetTypeToUser()
     node.SetAttribute("Category", "AnomalyFlag")
     node.SetDescription("AnomalyFlag anomaly heatmap: transparent below the pixel threshold, yellow to red above.")
-    colors = heatmapColorArray()
+    colors = heatmap_colours()
     node.SetNumberOfColors(len(colors))
     for i, (r, g, b, a) in enumerate(colors):
         node.SetColor(i, f"index {i * DISPLAY_MAX_INDEX / (len(colors) - 1):.2f}", r, g, b, a)
@@ -91,7 +68,7 @@ def createHeatmapNode(result, inputVolumeNode, heatmapNode=None, scene=None):
     The IJK-to-RAS matrix is copied from the input node (bit for bit) after checking that the result was
     computed on that grid; scale, units, model, threshold and case are stored as node attributes.
     """
-    scene = _scene(scene)
+    scene = getScene(scene)
     if result.heatmap is None:
         raise InputError(f"the result for {result.name} holds no in-memory heatmap.")
     if inputVolumeNode is None:
@@ -111,7 +88,7 @@ def createHeatmapNode(result, inputVolumeNode, heatmapNode=None, scene=None):
         ATTR_FINGERPRINT: result.model_fingerprint,
         ATTR_THRESHOLD: repr(float(result.threshold)),
         ATTR_CASE: result.name,
-        ATTR_ROLE: "heatmap",
+        ATTR_ROLE: ROLE_HEATMAP,
     }
     for key, value in attributes.items():
         heatmapNode.SetAttribute(key, str(value))

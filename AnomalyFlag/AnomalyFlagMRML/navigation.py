@@ -5,11 +5,11 @@ Slice indices are voxel indices along the volume's axis closest to superior-infe
 """
 
 import numpy as np
-import slicer
 from AnomalyFlagLib.errors import InputError
 from AnomalyFlagLib.orientation import AxialFrame
 from vtk.util import numpy_support
 
+from .scene import getScene
 from .volumes import geometryFromVolumeNode, ijkToRASArray
 
 
@@ -97,17 +97,22 @@ def hottestPointRAS(volumeNode, heatmapNode, sliceIndex, fraction=0.5):
     return _toWorld(volumeNode, ijkToRASArray(volumeNode), ijk)
 
 
-def jumpToSlice(volumeNode, heatmapNode, sliceIndex, sliceNodes=None, centered=True):
-    """Move slice views (default: every slice node of the scene) to the hottest point of slice `sliceIndex`:
-    centred on it (`centered`), or only offset through it. Returns the RAS point."""
-    point = hottestPointRAS(volumeNode, heatmapNode, sliceIndex)
+def jumpToPoint(point, scene=None, sliceNodes=None, centered=True):
+    """Move slice views (default: every slice node of the scene) to the RAS `point`: centred on it
+    (`centered`), or only offset through it. Returns the point."""
     if sliceNodes is None:
-        scene = volumeNode.GetScene() or slicer.mrmlScene
-        collection = scene.GetNodesByClass("vtkMRMLSliceNode")
+        collection = getScene(scene).GetNodesByClass("vtkMRMLSliceNode")
         sliceNodes = [collection.GetItemAsObject(i) for i in range(collection.GetNumberOfItems())]
     for sliceNode in sliceNodes:
         if centered:
             sliceNode.JumpSliceByCentering(*point)
         else:
             sliceNode.JumpSliceByOffsetting(*point)
-    return point
+    return tuple(point)
+
+
+def jumpToSlice(volumeNode, heatmapNode, sliceIndex, sliceNodes=None, centered=True):
+    """Move slice views (default: every slice node of the scene) to the hottest point of slice `sliceIndex`
+    (see jumpToPoint). Returns the RAS point."""
+    point = hottestPointRAS(volumeNode, heatmapNode, sliceIndex)
+    return jumpToPoint(point, volumeNode.GetScene(), sliceNodes, centered)

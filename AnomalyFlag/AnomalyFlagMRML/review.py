@@ -12,19 +12,38 @@ import math
 from pathlib import Path
 
 import numpy as np
+import SimpleITK as sitk
 import slicer
 import vtk
 from AnomalyFlagLib.errors import InputError, SessionError
-from AnomalyFlagLib.review.label_versions import write_new_version
-from AnomalyFlagLib.review.session import current_decisions, slice_change
+from AnomalyFlagLib.geometry import Geometry, require_same_geometry
+from AnomalyFlagLib.io.volumes import case_name, read_image
+from AnomalyFlagLib.review.label_versions import latest_version, write_new_version
+from AnomalyFlagLib.review.session import current_decisions, image_fingerprint_of, slice_change
+from vtk.util import numpy_support
 
+from .constants import (
+    ATTR_CASE,
+    ATTR_PROGRESS,
+    ATTR_ROLE,
+    ATTR_SAVED_VERSION,
+    ATTR_SCALE,
+    ATTR_SIDECAR,
+    HEATMAP_SCALE_KEY,
+    ROLE_HEATMAP,
+    ROLE_REVIEW,
+)
+from .heatmap import showHeatmap
 from .navigation import hottestPointRAS, sliceFrame
-
-ATTR_ROLE = "AnomalyFlag.Role"
-ATTR_CASE = "AnomalyFlag.Case"
-ATTR_SIDECAR = "AnomalyFlag.ReviewSidecar"
-ATTR_PROGRESS = "AnomalyFlag.ReviewProgress"
-ATTR_SAVED_VERSION = "AnomalyFlag.SavedVersion"
+from .scene import getScene, nodeIds, removeNodesAddedSince
+from .segmentation import BINARY_LABELMAP, findSegmentId, loadSegmentation, requireSegmentId, showSegmentationOutlines
+from .volumes import (
+    arrayAndGeometryFromVolumeNode,
+    arrayFromVTKMatrix,
+    copyVolumeGeometry,
+    ijkToRASArray,
+    updateVolumeNodeFromArray,
+)
 
 DECISION_COLUMNS = ("slice", "score", "decision", "reviewer", "time", "note", "dice", "changed_voxels")
 _COLUMN_INFO = {
@@ -39,32 +58,6 @@ _COLUMN_INFO = {
 }
 
 
-def _scene(node=None):
-    scene = node.GetScene() if node is not None else None
-    return scene or slicer.mrmlScene
-
-
-def _segmentId(segmentationNode, segmentId):
-    """A segment's ID from its ID or name; None when absent."""
-    segmentation = segmentationNode.GetSegmentation()
-    if segmentId and segmentation.GetSegment(segmentId) is not None:
-        return segmentId
-    byName = segmentation.GetSegmentIdBySegmentName(segmentId or "")
-    return byName or None
-
-
-def _requireSegmentId(segmentationNode, segmentId):
-    found = _segmentId(segmentationNode, segmentId)
-    if found is None:
-        segmentation = segmentationNode.GetSegmentation()
-        names = [segmentation.GetNthSegment(i).GetName() for i in range(segmentation.GetNumberOfSegments())]
-        raise InputError(
-            f"segmentation '{segmentationNode.GetName()}' has no segment '{segmentId}'"
-            f"{' (its segments: ' + ', '.join(names) + ')' if names else ' (it has no segments)'}."
-        )
-    return found
-
-
 # ----------------------------------------------------------------------------------------------------
 # Segments as arrays on the reference grid
 
@@ -74,8 +67,8 @@ def segmentLabelmapArray(segmentationNode, segmentId, referenceVolumeNode) -> np
     (an empty segment gives an all-false mask)."""
     if referenceVolumeNode is None or referenceVolumeNode.GetImageData() is None:
         raise InputError("No reference volume (with image data) given for the segmentation.")
-    segmentId = _requireSegmentId(segmentationNode, segmentId)
-    scene = _scene(segmentationNode)
+    segmentId = requireSegmentId(segmentationNode, segmentId)
+    scene = getScene(node=segmentationNode)
     labelmapNode = scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode", "AnomalyFlag review export")
     try:
         ids = vtk.vtkStringArray()
@@ -92,8 +85,6 @@ def segmentLabelmapArray(segmentationNode, segmentId, referenceVolumeNode) -> np
         image = labelmapNode.GetImageData()
         if image is None or image.GetPointData().GetScalars() is None:
             return np.zeros(dims[::-1], dtype=bool)
-        from vtk.util import numpy_support
-
         array = numpy_support.vtk_to_numpy(image.GetPointData().GetScalars())
         if tuple(image.GetDimensions()) != tuple(dims):
             raise InputError(f"segment '{segmentId}' was exported with size {image.GetDimensions()}, not {dims}.")
@@ -103,33 +94,6 @@ def segmentLabelmapArray(segmentationNode, segmentId, referenceVolumeNode) -> np
         if displayNode is not None:
             scene.RemoveNode(displayNode)
         scene.RemoveNode(labelmapNode)
-
-
-def loadSegmentationFile(path, scene=None, name=None):
-    """A segmentation node read from a .seg.nrrd with a storage node of its own (the caller removes it)."""
-    path = Path(path)
-    if not path.is_file():
-        raise InputError(f"segmentation file '{path}' does not exist.")
-    scene = scene or slicer.mrmlScene
-    segmentationNode = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", name or path.name)
-    storageNode = slicer.vtkMRMLSegmentationStorageNode()
-    scene.AddNode(storageNode)
-    storageNode.SetFileName(str(path))
-    segmentationNode.SetAndObserveStorageNodeID(storageNode.GetID())
-    if not storageNode.ReadData(segmentationNode):
-        scene.RemoveNode(segmentationNode)
-        scene.RemoveNode(storageNode)
-        raise InputError(f"segmentation '{path}' cannot be read.")
-    return segmentationNode
-
-
-def _removeWithStorage(scene, node):
-    storageNode = node.GetStorageNode()
-    displayNode = node.GetDisplayNode()
-    scene.RemoveNode(node)
-    for other in (storageNode, displayNode):
-        if other is not None:
-            scene.RemoveNode(other)
 
 
 def sliceChangeFromSegmentations(original, editedSegmentationNode, segmentId, referenceVolumeNode, sliceIndex):
@@ -143,7 +107,7 @@ def sliceChangeFromSegmentations(original, editedSegmentationNode, segmentId, re
     edited = segmentLabelmapArray(editedSegmentationNode, segmentId, referenceVolumeNode)
     editedName = (
         editedSegmentationNode.GetSegmentation()
-        .GetSegment(_requireSegmentId(editedSegmentationNode, segmentId))
+        .GetSegment(requireSegmentId(editedSegmentationNode, segmentId))
         .GetName()
     )
     if isinstance(original, np.ndarray):
@@ -151,17 +115,20 @@ def sliceChangeFromSegmentations(original, editedSegmentationNode, segmentId, re
         if before.shape != edited.shape:
             raise InputError(f"the original mask has shape {before.shape}, the volume {edited.shape}.")
     else:
-        scene = _scene(editedSegmentationNode)
-        originalNode = loadSegmentationFile(original, scene) if isinstance(original, (str, Path)) else original
+        scene = getScene(node=editedSegmentationNode)
+        existing = nodeIds(scene)
         try:
-            found = _segmentId(originalNode, segmentId) or _segmentId(originalNode, editedName)
+            originalNode = original
+            if isinstance(original, (str, Path)):
+                originalNode = loadSegmentation(original, scene, referenceVolumeNode=referenceVolumeNode,
+                                                keepStorageNode=False)  # fmt: skip
+            found = findSegmentId(originalNode, segmentId) or findSegmentId(originalNode, editedName)
             if found is None:
                 before = np.zeros_like(edited)
             else:
                 before = segmentLabelmapArray(originalNode, found, referenceVolumeNode)
         finally:
-            if originalNode is not original:
-                _removeWithStorage(scene, originalNode)
+            removeNodesAddedSince(scene, existing)
     return slice_change(before, edited, int(sliceIndex), frame)
 
 
@@ -182,7 +149,7 @@ def saveEditedSegmentationVersion(segmentationNode, outputFolder, case, referenc
     outputFolder = Path(outputFolder)
     if referenceVolumeNode is not None:
         segmentationNode.SetReferenceImageGeometryParameterFromVolumeNode(referenceVolumeNode)
-    scene = _scene(segmentationNode)
+    scene = getScene(node=segmentationNode)
 
     def write(tmpPath):
         storageNode = slicer.vtkMRMLSegmentationStorageNode()
@@ -250,7 +217,7 @@ def decisionsToTableNode(session, tableNode=None, scene=None):
         tableNode.SetUseColumnNameAsColumnHeader(True)
         for column, description in _COLUMN_INFO.items():
             tableNode.SetColumnDescription(column, description)
-        tableNode.SetAttribute(ATTR_ROLE, "review")
+        tableNode.SetAttribute(ATTR_ROLE, ROLE_REVIEW)
         tableNode.SetAttribute(ATTR_CASE, case)
         tableNode.SetAttribute(ATTR_PROGRESS, f"{reviewed}/{len(data['queue'])}")
         sidecar = getattr(session, "sidecar_path", None)
@@ -270,7 +237,7 @@ def recontourTarget(segmentationNode, segmentId, volumeNode, sliceIndex, heatmap
     centre the slice views on (the hottest heatmap region of that slice, or the slice centre)."""
     if segmentationNode is None or volumeNode is None:
         raise InputError("Recontouring needs a segmentation and its volume.")
-    segmentId = _requireSegmentId(segmentationNode, segmentId)
+    segmentId = requireSegmentId(segmentationNode, segmentId)
     geometry, frame = sliceFrame(volumeNode)
     numSlices = geometry.size[frame.slice_ijk_axis]
     if not 0 <= int(sliceIndex) < numSlices:
@@ -311,10 +278,6 @@ def prepareSegmentEditorNode(target, segmentEditorNode=None, scene=None):
 def imageFingerprintOfVolumeNode(volumeNode) -> str:
     """Content fingerprint of a volume node (grid + voxel bytes), equal to the library's
     `image_fingerprint_of(path)` for the file it was read from."""
-    from AnomalyFlagLib.review.session import image_fingerprint_of
-
-    from .volumes import arrayAndGeometryFromVolumeNode
-
     array, geometry = arrayAndGeometryFromVolumeNode(volumeNode)
     return image_fingerprint_of(array, geometry)
 
@@ -328,11 +291,6 @@ def requireSegmentationOnVolumeGrid(segmentationNode, volumeNode, segmentIds=Non
     surfaces) have no grid of their own and are rasterised onto the volume's grid, so they pass."""
     if segmentationNode is None or volumeNode is None or volumeNode.GetImageData() is None:
         raise InputError("A segmentation and a volume with image data are needed.")
-    from vtk.util import numpy_support
-
-    from .segmentation import BINARY_LABELMAP
-    from .volumes import ijkToRASArray
-
     segmentation = segmentationNode.GetSegmentation()
     sourceName = (
         segmentation.GetSourceRepresentationName()
@@ -348,7 +306,7 @@ def requireSegmentationOnVolumeGrid(segmentationNode, volumeNode, segmentIds=Non
     volumeToRAS = ijkToRASArray(volumeNode)
     rasToVolume = np.linalg.inv(volumeToRAS)
     dims = np.asarray(volumeNode.GetImageData().GetDimensions())
-    ids = [_requireSegmentId(segmentationNode, s) for s in segmentIds] if segmentIds else [
+    ids = [requireSegmentId(segmentationNode, s) for s in segmentIds] if segmentIds else [
         segmentation.GetNthSegmentID(i) for i in range(segmentation.GetNumberOfSegments())
     ]  # fmt: skip
     for segmentId in ids:
@@ -360,7 +318,7 @@ def requireSegmentationOnVolumeGrid(segmentationNode, volumeNode, segmentIds=Non
             continue  # empty segment
         matrix = vtk.vtkMatrix4x4()
         image.GetImageToWorldMatrix(matrix)
-        segmentToRAS = np.array([[matrix.GetElement(r, c) for c in range(4)] for r in range(4)])
+        segmentToRAS = arrayFromVTKMatrix(matrix)
         segmentToVolume = rasToVolume @ segmentToRAS
         name = f"segment '{segmentation.GetSegment(segmentId).GetName()}' of {label}"
         if not np.allclose(segmentToVolume[:3, :3], np.eye(3), atol=tolerance):
@@ -391,15 +349,9 @@ def requireSegmentationOnVolumeGrid(segmentationNode, volumeNode, segmentIds=Non
             )
 
 
-def _nodeIDs(scene):
-    return {scene.GetNthNode(i).GetID() for i in range(scene.GetNumberOfNodes())}
-
-
 def findOriginalSegmentation(imagePath, case):
     """The automatic segmentation stored next to a case's image: <case>.seg.nrrd, <case>_seg.* or
     <case>_organs.* in the image's folder (not the image itself); None when there is none."""
-    from AnomalyFlagLib.io.volumes import case_name
-
     if not imagePath:
         return None
     imagePath = Path(imagePath)
@@ -423,18 +375,6 @@ def loadReviewCase(outputFolder, case, imagePath, segmentationPath=None, scene=N
 
     Returns dict(volume, heatmap, segmentation, originalSegmentation, segmentationPath, nodeIDs): nodeIDs
     are every node added, for `removeReviewCase`. On failure nothing stays in the scene."""
-    import SimpleITK as sitk
-    from AnomalyFlagLib.geometry import Geometry, require_same_geometry
-    from AnomalyFlagLib.io.volumes import read_image
-    from AnomalyFlagLib.review.label_versions import latest_version
-
-    from .heatmap import ATTR_CASE as HEAT_CASE
-    from .heatmap import ATTR_ROLE as HEAT_ROLE
-    from .heatmap import ATTR_SCALE, showHeatmap
-    from .segmentation import showSegmentationOutlines
-    from .volumes import copyVolumeGeometry, updateVolumeNodeFromArray
-    from .workflow import _loadSegmentation
-
     scene = scene or slicer.mrmlScene
     outputFolder = Path(outputFolder)
     if not imagePath:
@@ -442,7 +382,7 @@ def loadReviewCase(outputFolder, case, imagePath, segmentationPath=None, scene=N
             f"the image of case '{case}' is not recorded in the worklist or its summary; score it again or "
             "give the image path."
         )
-    before = _nodeIDs(scene)
+    before = nodeIds(scene)
     try:
         image = read_image(imagePath, f"image of case '{case}'")
         geometry = Geometry.from_image(image)
@@ -459,19 +399,19 @@ def loadReviewCase(outputFolder, case, imagePath, segmentationPath=None, scene=N
             heatmap = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", f"{case} anomaly heatmap")
             updateVolumeNodeFromArray(heatmap, sitk.GetArrayViewFromImage(heatImage).astype(np.uint8), geometry)
             copyVolumeGeometry(volume, heatmap)
-            scale = heatImage.GetMetaData("anomalyflag_scale") if heatImage.HasMetaDataKey("anomalyflag_scale") else ""
+            scale = heatImage.GetMetaData(HEATMAP_SCALE_KEY) if heatImage.HasMetaDataKey(HEATMAP_SCALE_KEY) else ""
             if scale:
                 heatmap.SetAttribute(ATTR_SCALE, scale)
-            heatmap.SetAttribute(HEAT_ROLE, "heatmap")
-            heatmap.SetAttribute(HEAT_CASE, case)
+            heatmap.SetAttribute(ATTR_ROLE, ROLE_HEATMAP)
+            heatmap.SetAttribute(ATTR_CASE, case)
             showHeatmap(heatmap, volume)
         segmentation = original = None
         latest = latest_version(outputFolder, case)
         if segmentationPath:
-            original = _loadSegmentation(scene, segmentationPath, volume, geometry)
-            original.SetName(f"{case} original segmentation")
+            original = loadSegmentation(segmentationPath, scene, f"{case} original segmentation", volume, geometry,
+                                        keepStorageNode=False)  # fmt: skip
         if latest is not None:
-            segmentation = loadSegmentationFile(latest, scene, f"{case} segmentation ({latest.name})")
+            segmentation = loadSegmentation(latest, scene, f"{case} segmentation ({latest.name})")
             if original is not None:
                 original.CreateDefaultDisplayNodes()
                 original.GetDisplayNode().SetVisibility(False)
@@ -482,8 +422,6 @@ def loadReviewCase(outputFolder, case, imagePath, segmentationPath=None, scene=N
             requireSegmentationOnVolumeGrid(segmentation, volume)
             showSegmentationOutlines(segmentation)
     except BaseException:
-        from .workflow import removeNodesAddedSince
-
         removeNodesAddedSince(scene, before)
         raise
     return {
@@ -493,7 +431,7 @@ def loadReviewCase(outputFolder, case, imagePath, segmentationPath=None, scene=N
         "originalSegmentation": original,
         "segmentationPath": str(segmentationPath) if segmentationPath else None,
         "nodeIDs": sorted(
-            i for i in _nodeIDs(scene) - before if not scene.GetNodeByID(i).IsA("vtkMRMLColorNode")
+            i for i in nodeIds(scene) - before if not scene.GetNodeByID(i).IsA("vtkMRMLColorNode")
         ),  # the shared heatmap colour table stays
     }
 

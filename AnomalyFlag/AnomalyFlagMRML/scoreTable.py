@@ -8,13 +8,18 @@ import slicer
 import vtk
 from AnomalyFlagLib.errors import InputError
 
-ATTR_THRESHOLD = "AnomalyFlag.Threshold"
-ATTR_CASE = "AnomalyFlag.Case"
-ATTR_MODEL = "AnomalyFlag.Model"
-ATTR_ROLE = "AnomalyFlag.Role"
-ATTR_SERIES = "AnomalyFlag.Series"
-CHART_DATA_REFERENCE = "AnomalyFlag.ChartData"
-SCORE_TABLE_REFERENCE = "AnomalyFlag.ScoreTable"
+from .constants import (
+    ATTR_CASE,
+    ATTR_MODEL,
+    ATTR_ROLE,
+    ATTR_SERIES,
+    ATTR_THRESHOLD,
+    CHART_DATA_REFERENCE,
+    ROLE_CHART,
+    ROLE_CHART_DATA,
+    ROLE_SCORES,
+    SCORE_TABLE_REFERENCE,
+)
 
 INT_COLUMNS = ("index", "score_from")
 BOOL_COLUMNS = ("flagged", "in_roi")
@@ -63,7 +68,7 @@ def createScoreTable(result, tableNode=None, scene=None):
         tableNode.SetAttribute(ATTR_THRESHOLD, repr(float(result.threshold)))
         tableNode.SetAttribute(ATTR_CASE, result.name)
         tableNode.SetAttribute(ATTR_MODEL, result.model_name)
-        tableNode.SetAttribute(ATTR_ROLE, "scores")
+        tableNode.SetAttribute(ATTR_ROLE, ROLE_SCORES)
     finally:
         tableNode.EndModify(wasModifying)
     if tableNode.GetStorageNode() is None:
@@ -109,7 +114,7 @@ def _chartData(tableNode, threshold, dataNode):
         arrays["threshold"].SetValue(row, float(threshold))
         arrays["flagged_score"].SetValue(row, s if f else float("nan"))
     dataNode.SetAndObserveTable(table)
-    dataNode.SetAttribute(ATTR_ROLE, "chart data")
+    dataNode.SetAttribute(ATTR_ROLE, ROLE_CHART_DATA)
     dataNode.SetAttribute(ATTR_THRESHOLD, repr(float(threshold)))
     if dataNode.GetStorageNode() is None:
         dataNode.AddDefaultStorageNode()
@@ -181,7 +186,7 @@ def createScoreChart(tableNode, threshold, chartNode=None, scene=None):
     chartNode.SetYAxisTitle("normalised anomaly score")
     chartNode.SetLegendVisibility(True)
     chartNode.SetAttribute(ATTR_THRESHOLD, repr(float(threshold)))
-    chartNode.SetAttribute(ATTR_ROLE, "chart")
+    chartNode.SetAttribute(ATTR_ROLE, ROLE_CHART)
     return chartNode
 
 

@@ -1,9 +1,15 @@
-"""Segmentation nodes: a region-of-interest mask on a reference volume's voxel grid, and outline display."""
+"""Segmentation nodes: loading one from a file, finding a segment by ID or name, a region-of-interest mask on a
+reference volume's voxel grid, and outline display."""
+
+from pathlib import Path
 
 import numpy as np
 import slicer
 from AnomalyFlagLib.errors import InputError
 from vtk.util import numpy_support
+
+from .scene import getScene, nodeIds, removeNodesAddedSince
+from .volumes import copyVolumeGeometry, geometryFromVolumeNode, updateVolumeNodeFromArray
 
 BINARY_LABELMAP = "Binary labelmap"
 
@@ -13,18 +19,71 @@ def segmentIdsOf(segmentationNode):
     return [segmentation.GetNthSegmentID(i) for i in range(segmentation.GetNumberOfSegments())]
 
 
-def _resolveSegmentId(segmentationNode, segmentId):
+def findSegmentId(segmentationNode, segment):
+    """The ID of the segment whose ID or name is `segment`; None when there is none."""
     segmentation = segmentationNode.GetSegmentation()
-    if segmentation.GetSegment(segmentId) is not None:
-        return segmentId
-    byName = segmentation.GetSegmentIdBySegmentName(segmentId)
-    if byName:
-        return byName
+    if segment and segmentation.GetSegment(segment) is not None:
+        return segment
+    return segmentation.GetSegmentIdBySegmentName(segment or "") or None
+
+
+def requireSegmentId(segmentationNode, segment):
+    """As findSegmentId, but InputError (listing the segments there are) when there is none."""
+    found = findSegmentId(segmentationNode, segment)
+    if found is not None:
+        return found
+    segmentation = segmentationNode.GetSegmentation()
     names = ", ".join(f"'{segmentation.GetSegment(s).GetName()}' ({s})" for s in segmentIdsOf(segmentationNode))
     raise InputError(
-        f"segmentation '{segmentationNode.GetName()}' has no segment '{segmentId}'"
+        f"segmentation '{segmentationNode.GetName()}' has no segment '{segment}'"
         f"{'; its segments are ' + names if names else ' (it has no segments)'}."
     )
+
+
+def loadSegmentation(path, scene=None, name=None, referenceVolumeNode=None, geometry=None, keepStorageNode=True):
+    """A segmentation node read from a .seg.nrrd, or made from a label map file (one segment per label value,
+    on the grid of `referenceVolumeNode`, whose library `geometry` may be given). With `keepStorageNode` a
+    .seg.nrrd keeps its storage node (saving the scene writes that file); without, the file stays unknown
+    to the scene. On failure nothing is left in the scene."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"segmentation file '{path}' does not exist.")
+    scene = getScene(scene)
+    before = nodeIds(scene)
+    try:
+        segmentationNode = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", name or path.name)
+        if path.name.lower().endswith(".seg.nrrd"):
+            storageNode = slicer.vtkMRMLSegmentationStorageNode()
+            scene.AddNode(storageNode)
+            storageNode.SetFileName(str(path))
+            if not storageNode.ReadData(segmentationNode):
+                raise InputError(f"segmentation '{path}' cannot be read.")
+            if keepStorageNode:
+                segmentationNode.SetAndObserveStorageNodeID(storageNode.GetID())
+            else:
+                scene.RemoveNode(storageNode)
+            return segmentationNode
+        if referenceVolumeNode is None:
+            raise InputError(f"label map '{path}' needs the volume it was drawn on.")
+        import SimpleITK as sitk
+        from AnomalyFlagLib.io.volumes import read_image
+        from AnomalyFlagLib.roi import roi_on_image_grid
+
+        geometry = geometry or geometryFromVolumeNode(referenceVolumeNode)
+        image = read_image(path, f"segmentation '{path}'")
+        labels = sitk.GetArrayFromImage(image)
+        mask = roi_on_image_grid(image, geometry, name=f"segmentation '{path}'", allow_empty=True)
+        labels = labels if labels.shape == mask.shape else mask.astype(np.uint8)
+        labelmap = scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode", f"{path.name} labels")
+        updateVolumeNodeFromArray(labelmap, np.where(mask, labels, 0).astype(np.int16), geometry)
+        copyVolumeGeometry(referenceVolumeNode, labelmap)
+        logic = slicer.vtkSlicerSegmentationsModuleLogic
+        if not logic.ImportLabelmapToSegmentationNode(labelmap, segmentationNode):
+            raise InputError(f"label map '{path}' cannot be turned into a segmentation.")
+        return segmentationNode
+    except BaseException:
+        removeNodesAddedSince(scene, before)
+        raise
 
 
 def _orientedToArray(image) -> np.ndarray:
@@ -49,7 +108,7 @@ def roiMaskFromSegmentation(segmentationNode, segmentIds, referenceVolumeNode) -
     ids = list(segmentIds) if segmentIds else segmentIdsOf(segmentationNode)
     if not ids:
         raise InputError(f"{segLabel} has no segments; nothing to restrict scoring to.")
-    ids = [_resolveSegmentId(segmentationNode, s) for s in ids]
+    ids = [requireSegmentId(segmentationNode, s) for s in ids]
     segmentation = segmentationNode.GetSegmentation()
     if not segmentation.ContainsRepresentation(BINARY_LABELMAP):
         if not segmentation.CreateRepresentation(BINARY_LABELMAP):

@@ -18,25 +18,14 @@ import vtk
 from AnomalyFlagLib.errors import InputError
 from vtk.util import numpy_support
 
-from .heatmap import ATTR_CASE, ATTR_SCALE, configureHeatmapDisplay
+from .constants import ATTR_CASE, ATTR_SCALE
+from .heatmap import configureHeatmapDisplay
 from .navigation import sliceFrame
 from .segmentation import segmentIdsOf
-from .volumes import ijkToRASArray
+from .volumes import arrayFromVTKMatrix, ijkToRASArray, vtkMatrixFromArray
 
 CT_WINDOW = (400.0, 40.0)
 """Soft-tissue window (width, level) in HU used when the volume has no usable display window."""
-
-
-def _matrixToArray(matrix) -> np.ndarray:
-    return np.array([[matrix.GetElement(r, c) for c in range(4)] for r in range(4)])
-
-
-def _arrayToMatrix(array) -> vtk.vtkMatrix4x4:
-    matrix = vtk.vtkMatrix4x4()
-    for r in range(4):
-        for c in range(4):
-            matrix.SetElement(r, c, float(array[r, c]))
-    return matrix
 
 
 def _worldIJKToRAS(volumeNode) -> np.ndarray:
@@ -46,7 +35,7 @@ def _worldIJKToRAS(volumeNode) -> np.ndarray:
     if transformNode is not None:
         toWorld = vtk.vtkMatrix4x4()
         if transformNode.GetMatrixTransformToWorld(toWorld):
-            matrix = _matrixToArray(toWorld) @ matrix
+            matrix = arrayFromVTKMatrix(toWorld) @ matrix
         else:
             logging.warning("AnomalyFlag snapshot: non-linear transform on '%s' ignored.", volumeNode.GetName())
     return matrix
@@ -78,7 +67,7 @@ def _shadowVolume(scene, source, name, className="vtkMRMLScalarVolumeNode"):
     """A node in `scene` sharing `source`'s voxel buffer, placed at its world position."""
     node = scene.AddNewNodeByClass(className, name)
     node.SetAndObserveImageData(source.GetImageData())
-    node.SetIJKToRASMatrix(_arrayToMatrix(_worldIJKToRAS(source)))
+    node.SetIJKToRASMatrix(vtkMatrixFromArray(_worldIJKToRAS(source)))
     return node
 
 
@@ -132,10 +121,10 @@ def _segmentMaskOnPlane(segmentationNode, segmentId, xyToRAS, size):
     plain.SetOrigin(0.0, 0.0, 0.0)
     plain.SetSpacing(1.0, 1.0, 1.0)
     plain.GetPointData().SetScalars(numpy_support.numpy_to_vtk(binary, deep=True))
-    resliceAxes = np.linalg.inv(_matrixToArray(imageToWorld)) @ xyToRAS
+    resliceAxes = np.linalg.inv(arrayFromVTKMatrix(imageToWorld)) @ xyToRAS
     reslice = vtk.vtkImageReslice()
     reslice.SetInputData(plain)
-    reslice.SetResliceAxes(_arrayToMatrix(resliceAxes))
+    reslice.SetResliceAxes(vtkMatrixFromArray(resliceAxes))
     reslice.SetInterpolationModeToLinear()
     reslice.SetOutputExtent(0, size - 1, 0, size - 1, 0, 0)
     reslice.SetOutputOrigin(0.0, 0.0, 0.0)
@@ -235,7 +224,7 @@ def composeSlice(volumeNode, heatmapNode, sliceIndex, size=512, opacity=0.5, low
         sliceNode.SetDimensions(size, size, 1)
         sliceNode.SetFieldOfView(fov, fov, 1.0)
         sliceNode.SetXYZOrigin(0.0, 0.0, 0.0)
-        sliceNode.GetSliceToRAS().DeepCopy(_arrayToMatrix(sliceToRAS))
+        sliceNode.GetSliceToRAS().DeepCopy(vtkMatrixFromArray(sliceToRAS))
         sliceNode.UpdateMatrices()
         producer = logic.GetImageDataConnection().GetProducer()
         producer.Update()
@@ -244,27 +233,15 @@ def composeSlice(volumeNode, heatmapNode, sliceIndex, size=512, opacity=0.5, low
         if dims[0] != size or dims[1] != size:
             raise InputError(f"the slice pipeline produced a {dims[0]}x{dims[1]} image instead of {size}x{size}.")
         rgba = numpy_support.vtk_to_numpy(output.GetPointData().GetScalars()).reshape(size, size, -1)
-        xyToRAS = _matrixToArray(sliceNode.GetXYToRAS())
+        xyToRAS = arrayFromVTKMatrix(sliceNode.GetXYToRAS())
         return np.ascontiguousarray(rgba[..., :3]).copy(), xyToRAS
     finally:
         scene.Clear(1)
 
 
-def renderSliceSnapshot(
-    volumeNode,
-    heatmapNode,
-    segmentationNode,
-    sliceIndex,
-    pngPath,
-    size=512,
-    opacity=0.5,
-    lowerThreshold=None,
-    window=None,
-    caption=None,
-    score=None,
-    outlineThickness=None,
-    segmentIds=None,
-):
+def renderSliceSnapshot(volumeNode, heatmapNode, segmentationNode, sliceIndex, pngPath, size=512, opacity=0.5,
+                        lowerThreshold=None, window=None, caption=None, score=None, outlineThickness=None,
+                        segmentIds=None):  # fmt: skip
     """Write a PNG of slice `sliceIndex`: CT (`window` = (width, level); default: the display node's window
     when set by the user, else W 400 / L 40 for CT), heatmap overlay
     (colour table and threshold as in showHeatmap), segment outlines, and a caption (case, slice, score).

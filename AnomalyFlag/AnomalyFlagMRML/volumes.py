@@ -17,11 +17,25 @@ from vtk.util import numpy_support
 RAS_TO_LPS = np.diag([-1.0, -1.0, 1.0, 1.0])
 
 
+def arrayFromVTKMatrix(matrix) -> np.ndarray:
+    """A vtkMatrix4x4 as a 4x4 numpy array."""
+    return np.array([[matrix.GetElement(r, c) for c in range(4)] for r in range(4)])
+
+
+def vtkMatrixFromArray(array) -> vtk.vtkMatrix4x4:
+    """A 4x4 array as a new vtkMatrix4x4."""
+    matrix = vtk.vtkMatrix4x4()
+    for r in range(4):
+        for c in range(4):
+            matrix.SetElement(r, c, float(array[r][c]))
+    return matrix
+
+
 def ijkToRASArray(volumeNode) -> np.ndarray:
     """The node's IJK-to-RAS matrix as a 4x4 numpy array."""
     matrix = vtk.vtkMatrix4x4()
     volumeNode.GetIJKToRASMatrix(matrix)
-    return np.array([[matrix.GetElement(r, c) for c in range(4)] for r in range(4)])
+    return arrayFromVTKMatrix(matrix)
 
 
 def ijkToRASFromGeometry(geometry: Geometry) -> np.ndarray:
@@ -30,14 +44,6 @@ def ijkToRASFromGeometry(geometry: Geometry) -> np.ndarray:
     ijk_to_lps[:3, :3] = geometry.direction_matrix @ np.diag(geometry.spacing)
     ijk_to_lps[:3, 3] = geometry.origin
     return RAS_TO_LPS @ ijk_to_lps
-
-
-def _vtkMatrix(array: np.ndarray) -> vtk.vtkMatrix4x4:
-    matrix = vtk.vtkMatrix4x4()
-    for r in range(4):
-        for c in range(4):
-            matrix.SetElement(r, c, float(array[r, c]))
-    return matrix
 
 
 def _nodeName(volumeNode, name=None) -> str:
@@ -151,7 +157,7 @@ def updateVolumeNodeFromArray(volumeNode, array, geometry: Geometry, ijkToRAS=No
     matrix = ijkToRASFromGeometry(geometry) if ijkToRAS is None else np.asarray(ijkToRAS, dtype=float)
     wasModifying = volumeNode.StartModify()
     try:
-        volumeNode.SetIJKToRASMatrix(_vtkMatrix(matrix))
+        volumeNode.SetIJKToRASMatrix(vtkMatrixFromArray(matrix))
         volumeNode.SetAndObserveImageData(imageData)
     finally:
         volumeNode.EndModify(wasModifying)

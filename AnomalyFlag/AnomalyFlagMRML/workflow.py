@@ -9,18 +9,15 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 import slicer
-from AnomalyFlagLib.bundle import Bundle
 from AnomalyFlagLib.errors import InputError
 
-from .heatmap import ATTR_SCALE, createHeatmapNode, showHeatmap
+from .constants import ATTR_CASE, ATTR_SCALE, CHART_REFERENCE, SCORE_TABLE_REFERENCE, SEGMENTATION_REFERENCE
+from .heatmap import createHeatmapNode, showHeatmap
+from .scene import nodeIds, removeNodesAddedSince
 from .scoreTable import createScoreChart, createScoreTable
-from .segmentation import roiMaskFromSegmentation, showSegmentationOutlines
+from .segmentation import loadSegmentation, roiMaskFromSegmentation, showSegmentationOutlines
 from .snapshot import renderSliceSnapshot
 from .volumes import arrayAndGeometryFromVolumeNode, copyVolumeGeometry, updateVolumeNodeFromArray
-
-SCORE_TABLE_REFERENCE = "AnomalyFlag.ScoreTable"
-CHART_REFERENCE = "AnomalyFlag.Chart"
-SEGMENTATION_REFERENCE = "AnomalyFlag.Segmentation"
 
 _scorerLock = threading.Lock()
 _scorerCache = {}
@@ -28,6 +25,7 @@ _scorerCache = {}
 
 def getScorer(modelPath, device="auto", batchSize=None):
     """A loaded Scorer, cached for the last (bundle, device, batch size) so repeated runs skip loading."""
+    from AnomalyFlagLib.bundle import Bundle
     from AnomalyFlagLib.scoring import Scorer
 
     if isinstance(modelPath, Bundle):
@@ -64,18 +62,6 @@ def computeScores(array, geometry, modelPath, roiMask=None, device="auto", batch
     )
 
 
-def _nodeIds(scene):
-    return {scene.GetNthNode(i).GetID() for i in range(scene.GetNumberOfNodes())}
-
-
-def removeNodesAddedSince(scene, before):
-    """Remove every node whose ID is not in `before` (clean-up after a failure or a temporary load)."""
-    added = [scene.GetNodeByID(i) for i in _nodeIds(scene) - set(before)]
-    for node in added:
-        if node is not None and node.GetScene() is scene:
-            scene.RemoveNode(node)
-
-
 def publishResult(result, inputVolumeNode, segmentationNode=None, thresholdOverride=None, heatmapNode=None,
                   tableNode=None, chartNode=None, opacity=0.5):  # fmt: skip
     """Create or update the heatmap, table and chart nodes of `result` and show them (main thread).
@@ -88,7 +74,7 @@ def publishResult(result, inputVolumeNode, segmentationNode=None, thresholdOverr
     scene = inputVolumeNode.GetScene()
     if thresholdOverride is not None:
         result = result.with_threshold(float(thresholdOverride))
-    before = _nodeIds(scene)
+    before = nodeIds(scene)
     try:
         heat = createHeatmapNode(result, inputVolumeNode, heatmapNode, scene=scene)
         table = createScoreTable(result, tableNode, scene=scene)
@@ -126,39 +112,13 @@ def scoreVolumeNode(inputVolumeNode, modelPath, segmentationNode=None, segmentId
     return publishResult(result, inputVolumeNode, segmentationNode, thresholdOverride)
 
 
-def _loadSegmentation(scene, roiPath, referenceNode, geometry):
-    """Segmentation node from a .seg.nrrd or a label map file (one segment per label value)."""
-    roiPath = Path(roiPath)
-    segmentationNode = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", roiPath.name)
-    if roiPath.name.lower().endswith(".seg.nrrd"):
-        storage = slicer.vtkMRMLSegmentationStorageNode()
-        scene.AddNode(storage)
-        storage.SetFileName(str(roiPath))
-        if not storage.ReadData(segmentationNode):
-            raise InputError(f"segmentation '{roiPath}' cannot be read.")
-        return segmentationNode
-    from AnomalyFlagLib.io.volumes import read_image
-    from AnomalyFlagLib.roi import roi_on_image_grid
-
-    image = read_image(roiPath, f"segmentation '{roiPath}'")
-    labels = sitk.GetArrayFromImage(image)
-    mask = roi_on_image_grid(image, geometry, name=f"segmentation '{roiPath}'", allow_empty=True)
-    labels = labels if labels.shape == mask.shape else mask.astype(np.uint8)
-    labelmap = scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode", f"{roiPath.name} labels")
-    updateVolumeNodeFromArray(labelmap, np.where(mask, labels, 0).astype(np.int16), geometry)
-    copyVolumeGeometry(referenceNode, labelmap)
-    if not slicer.vtkSlicerSegmentationsModuleLogic.ImportLabelmapToSegmentationNode(labelmap, segmentationNode):
-        raise InputError(f"label map '{roiPath}' cannot be turned into a segmentation.")
-    return segmentationNode
-
-
 def _caseSnapshots(scene, case, result, outputs, roiPath, size):
     """Load a scored case into `scene`, stage one PNG per flagged slice in `outputs` (a CaseOutputs),
     then remove what was loaded. The volume is loaded whole: the slice views render from a node."""
     from AnomalyFlagLib.geometry import Geometry
     from AnomalyFlagLib.io.volumes import read_image
 
-    before = _nodeIds(scene)
+    before = nodeIds(scene)
     try:
         image = read_image(case.image, f"volume '{case.image}'")
         geometry = Geometry.from_image(image)
@@ -170,8 +130,10 @@ def _caseSnapshots(scene, case, result, outputs, roiPath, size):
         updateVolumeNodeFromArray(heat, heatArray.astype(np.uint8), geometry)
         copyVolumeGeometry(volume, heat)
         heat.SetAttribute(ATTR_SCALE, repr(float(result.heatmap_scale)))
-        heat.SetAttribute("AnomalyFlag.Case", case.name)
-        segmentationNode = _loadSegmentation(scene, roiPath, volume, geometry) if roiPath else None
+        heat.SetAttribute(ATTR_CASE, case.name)
+        segmentationNode = (
+            loadSegmentation(roiPath, scene, referenceVolumeNode=volume, geometry=geometry) if roiPath else None
+        )
         normalised = result.slices["normalised"]
         for index in result.flagged_indices:
             path = outputs.image_path(outputs.files.snapshot(index).name)

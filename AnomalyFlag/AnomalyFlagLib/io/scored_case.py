@@ -39,6 +39,8 @@ SLICES_SUFFIX = "_slices.csv"
 SUMMARY_SUFFIX = "_summary.json"
 SIDECAR_SUFFIX = "_review.json"
 LABEL_SUFFIX = ".seg.nrrd"
+HEATMAP_SCALE_KEY = "anomalyflag_scale"
+"""The heatmap NRRD header field holding HEATMAP_SCALE."""
 STAGING_PREFIX = ".staging"
 _WRITE_ERRORS = {errno.ENOSPC, errno.EFBIG, errno.EROFS, getattr(errno, "EDQUOT", errno.ENOSPC)}
 _LEFTOVER = re.compile(r"^\.(?:.+\.(?:part|tmp)|staging)(\d+)")
@@ -227,7 +229,7 @@ def slices_csv(result: CaseResult) -> str:
 
 def heatmap_key_values(result_or_model: str, threshold: float) -> dict:
     return {
-        "anomalyflag_scale": repr(HEATMAP_SCALE),
+        HEATMAP_SCALE_KEY: repr(HEATMAP_SCALE),
         "anomalyflag_units": "anomaly_map/pixel_threshold",  # HEATMAP_UNITS, as NRRD keys are written
         "anomalyflag_model": result_or_model,
         "anomalyflag_threshold": repr(threshold),

@@ -1,15 +1,12 @@
-"""The module's review loop through AnomalyFlagLogic on real MRML (slicer-core), AnomalyFlag.py loaded with
-the stand-ins for qt/ctk/ScriptedLoadableModule of test_slicer_module_static.py: phantom cases scored by
-`anomalyflag worklist` -> loadWorklist -> openReview -> accept, skip, recontour (the segment edited on
-the flagged slice as the Segment Editor would) -> versioned .seg.nrrd, decisions table = sidecar ->
-nextCase -> close and resume -> `anomalyflag export-training`; and the bad inputs a reviewer meets.
-The Widget (Qt) is checked statically in test_slicer_module_static.py."""
+"""The module's review loop, AnomalyFlagMRML.reviewController.ReviewController, on real MRML (slicer-core):
+phantom cases scored by `anomalyflag worklist` -> loadWorklist -> openReview -> accept, skip, recontour
+(the segment edited on the flagged slice as the Segment Editor would) -> versioned .seg.nrrd, decisions
+table = sidecar -> nextCase -> close and resume -> `anomalyflag export-training`; and the bad inputs a
+reviewer meets. The Review section of the panel that drives it is tested in test_module_ui.py."""
 
-import ast
 import json
 import os
 import shutil
-import xml.etree.ElementTree as ET
 
 import numpy as np
 import pytest
@@ -18,14 +15,8 @@ from AnomalyFlagLib.errors import InputError, SessionError
 from AnomalyFlagLib.phantom import ORGAN_LABELS
 from AnomalyFlagLib.review.active_learning import read_worklist
 from AnomalyFlagLib.review.session import current_decisions, image_fingerprint_of, load_sidecar, slice_change
-from test_slicer_module_static import (  # noqa: F401 - module_on_mrml and mrml_scene are fixtures
-    MODULE_FILE,
-    UI_FILE,
-    module_on_mrml,
-    mrml_scene,
-    parameter_node_fields,
-    ui_widgets,
-)
+from AnomalyFlagMRML.reviewController import ReviewController
+from module_support import mrml_scene  # noqa: F401 - a fixture
 
 LIVER = f"Label_{ORGAN_LABELS['liver']}"  # segments imported from the organ label map are named by value
 
@@ -100,9 +91,11 @@ def _assert_table_is_sidecar(table_node, out, case):
     assert table_node.GetAttribute("AnomalyFlag.ReviewProgress") == f"{len(decided)}/{len(data['queue'])}"
 
 
-def test_review_loop_end_to_end(module_on_mrml, mrml_scene, fresh_outputs, tmp_path):  # noqa: F811
+@pytest.mark.slow
+def test_review_loop_end_to_end(mrml_scene, fresh_outputs, tmp_path):  # noqa: F811
     from AnomalyFlagMRML.navigation import sliceFrame
-    from AnomalyFlagMRML.review import loadSegmentationFile, segmentLabelmapArray
+    from AnomalyFlagMRML.review import imageFingerprintOfVolumeNode, segmentLabelmapArray
+    from AnomalyFlagMRML.segmentation import loadSegmentation
 
     scans, out = fresh_outputs
     rows = read_worklist(out / "worklist.csv")
@@ -110,21 +103,20 @@ def test_review_loop_end_to_end(module_on_mrml, mrml_scene, fresh_outputs, tmp_p
     case = rows[index]["case"]
     organs_file = scans / f"{case}_organs.nrrd"
     organs_bytes = organs_file.read_bytes()
-    logic = module_on_mrml.AnomalyFlagLogic()
-    assert logic.reviewProgressText() == "No review open."
+    logic = ReviewController()
+    assert logic.reviewProgressText() == "No review open." and logic.caseText() == "No case loaded."
 
     # the worklist: the case's image, heatmap and automatic segmentation are loaded; no review without a name
     loaded = logic.loadWorklist(out, index=index)
     assert loaded["case"] == case and logic.worklistIndex == index and len(logic.worklistRows) == len(rows)
+    assert logic.caseText() == f"{case} ({index + 1} of {len(rows)})"
     volume, heatmap, segmentation = loaded["volume"], loaded["heatmap"], loaded["segmentation"]
     assert volume.GetScene() is mrml_scene and heatmap is not None and segmentation is not None
     assert heatmap.GetImageData().GetDimensions() == volume.GetImageData().GetDimensions()
     assert logic.reviewSession is None
     assert segmentation.GetSegmentation().GetSegmentIdBySegmentName(LIVER)
     # the volume node is the scored image, voxel for voxel
-    assert module_on_mrml._bridge("review").imageFingerprintOfVolumeNode(volume) == image_fingerprint_of(
-        scans / f"{case}.nrrd"
-    )
+    assert imageFingerprintOfVolumeNode(volume) == image_fingerprint_of(scans / f"{case}.nrrd")
 
     session = logic.openReview(out, case, "Dr Ann", segmentId=LIVER)
     assert session.reviewer == "Dr Ann" and session.lock_path.is_file()
@@ -161,9 +153,12 @@ def test_review_loop_end_to_end(module_on_mrml, mrml_scene, fresh_outputs, tmp_p
     assert logic.reviewProgressText() == f"3 of {total} reviewed"
     _assert_table_is_sidecar(logic.decisionsTableNode, out, case)
     assert [q["decision"] for q in logic.reviewQueue()[:3]] == ["accepted", "skipped", "recontoured"]
+    assert logic.queueItemText(logic.reviewQueue()[2]).endswith(
+        f"recontoured    Dice {expected['dice']:.3f}, {expected['changed_voxels']} voxels changed"
+    )
     v1 = out / f"{case}_seg_v1.seg.nrrd"
     assert v1.is_file() and organs_file.read_bytes() == organs_bytes
-    saved = loadSegmentationFile(v1, mrml_scene, "saved v1")
+    saved = loadSegmentation(v1, mrml_scene, "saved v1")
     np.testing.assert_array_equal(segmentLabelmapArray(saved, LIVER, volume), after)
     mrml_scene.RemoveNode(saved)
     with pytest.raises(InputError, match="Recontour on it first"):
@@ -182,7 +177,7 @@ def test_review_loop_end_to_end(module_on_mrml, mrml_scene, fresh_outputs, tmp_p
     assert other["volume"].GetScene() is None and logic.reviewSession is None
 
     # close and reopen (a new Slicer session): resumes, with the saved edit as the segmentation to work on
-    logic = module_on_mrml.AnomalyFlagLogic()
+    logic = ReviewController()
     resumed = logic.loadWorklist(out, reviewer="Dr Ann", index=index, segmentName=LIVER)
     assert resumed["case"] == case and logic.reviewSession is not None
     assert logic.reviewProgressText() == f"3 of {total} reviewed"
@@ -205,9 +200,7 @@ def test_review_loop_end_to_end(module_on_mrml, mrml_scene, fresh_outputs, tmp_p
     fourth = queue[3]["slice"] if total > 3 else recontour
     logic.startRecontour(fourth)
     record = logic.finishRecontour(fourth)
-    bridge = module_on_mrml._bridge
-    grid = bridge("volumes").geometryFromVolumeNode(resumed["volume"])
-    original = bridge("workflow")._loadSegmentation(mrml_scene, organs_file, resumed["volume"], grid)
+    original = loadSegmentation(organs_file, mrml_scene, referenceVolumeNode=resumed["volume"])
     original_mask = segmentLabelmapArray(original, LIVER, resumed["volume"])
     assert record["change"] == slice_change(original_mask, after, fourth, frame)
     assert record["label"] == f"{case}_seg_v2.seg.nrrd" and v1.is_file()
@@ -216,12 +209,13 @@ def test_review_loop_end_to_end(module_on_mrml, mrml_scene, fresh_outputs, tmp_p
     assert not (out / f"{case}_review.lock").exists()
 
 
-def test_bad_inputs_are_refused_and_leave_the_decisions_intact(module_on_mrml, mrml_scene, fresh_outputs):  # noqa: F811
+@pytest.mark.slow
+def test_bad_inputs_are_refused_and_leave_the_decisions_intact(mrml_scene, fresh_outputs):  # noqa: F811
     from mrml_support import segmentation_from_labels
 
     scans, out = fresh_outputs
     case = read_worklist(out / "worklist.csv")[0]["case"]
-    logic = module_on_mrml.AnomalyFlagLogic()
+    logic = ReviewController()
     loaded = logic.loadWorklist(out)
     volume = loaded["volume"]
     with pytest.raises(InputError, match="reviewer's name"):
@@ -306,192 +300,11 @@ def test_bad_inputs_are_refused_and_leave_the_decisions_intact(module_on_mrml, m
     assert sidecar.read_bytes() == before
     logic.closeReview()
 
-    # no worklist in the folder, a case without scores
+    # no worklist folder chosen, no worklist in the folder, a case without scores
+    with pytest.raises(InputError, match="Choose the worklist folder"):
+        logic.loadWorklist("")
     with pytest.raises(InputError, match="worklist.csv"):
         logic.loadWorklist(scans)
     with pytest.raises(SessionError, match="score the case first"):
         logic.openReview(out, "nowhere", "Dr Bob")
     assert logic.worklistRows and logic.reviewCase == {}
-
-
-# --------------------------------------------------------------------------------------------------
-# The review widget, statically (it needs Qt and the Slicer application): the .ui section, the
-# connections, the keyboard shortcuts and their clean-up, the Segment Editor hand-over, and that every
-# Logic call of the Widget exists. Each check has a negative control.
-
-
-REVIEW_WIDGETS = {
-    "reviewerLineEdit": "QLineEdit",
-    "worklistPathLineEdit": "ctkPathLineEdit",
-    "loadWorklistButton": "QPushButton",
-    "previousCaseButton": "QPushButton",
-    "nextCaseButton": "QPushButton",
-    "reviewCaseLabel": "QLabel",
-    "reviewProgressLabel": "QLabel",
-    "reviewSlicesListWidget": "QListWidget",
-    "acceptSliceButton": "QPushButton",
-    "recontourSliceButton": "QPushButton",
-    "finishRecontourButton": "QPushButton",
-    "skipSliceButton": "QPushButton",
-    "undoDecisionButton": "QPushButton",
-    "reviewNoteLineEdit": "QLineEdit",
-    "decisionsTableView": "qMRMLTableView",
-}
-BUTTON_SLOTS = {
-    "loadWorklistButton": "onLoadWorklist",
-    "previousCaseButton": "onPreviousCase",
-    "nextCaseButton": "onNextCase",
-    "acceptSliceButton": "onAcceptSlice",
-    "recontourSliceButton": "onRecontourSlice",
-    "finishRecontourButton": "onFinishRecontour",
-    "skipSliceButton": "onSkipSlice",
-    "undoDecisionButton": "onUndoDecision",
-}
-SHORTCUTS = {"A": "onAcceptSlice", "R": "onRecontourSlice", "S": "onSkipSlice"}
-
-
-def _class(tree, name):
-    return next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == name)
-
-
-def _method(cls, name):
-    return next(n for n in cls.body if isinstance(n, ast.FunctionDef) and n.name == name)
-
-
-def review_section_widgets(ui_text):
-    """{name: class} of the widgets inside the 'Review' collapsible section."""
-    root = ET.fromstring(ui_text)
-    for widget in root.iter("widget"):
-        if (
-            widget.get("class") == "ctkCollapsibleButton"
-            and widget.findtext("property[@name='text']/string") == "Review"
-        ):
-            return {w.get("name"): w.get("class") for w in widget.iter("widget") if w is not widget}
-    return {}
-
-
-def connected_buttons(py_source):
-    """{ui name: slot} of `self.ui.<name>.connect("clicked(bool)", self.<slot>)` in Widget.setup()."""
-    setup = _method(_class(ast.parse(py_source), "AnomalyFlagWidget"), "setup")
-    out = {}
-    for node in ast.walk(setup):
-        if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "connect":
-            owner = node.func.value
-            if isinstance(owner, ast.Attribute) and ast.unparse(owner).startswith("self.ui.") and len(node.args) == 2:
-                if isinstance(node.args[1], ast.Attribute):
-                    out[owner.attr] = (node.args[0].value, node.args[1].attr)
-    return {name: slot for name, (signal, slot) in out.items() if signal == "clicked(bool)"}
-
-
-def shortcut_bindings(py_source):
-    """{key: slot} of the qt.QShortcut(qt.QKeySequence(key), ...) made in Widget.setup() from a
-    (key, self.slot) table, and whether cleanup() disconnects and drops them."""
-    widget = _class(ast.parse(py_source), "AnomalyFlagWidget")
-    setup = _method(widget, "setup")
-    made = any(
-        isinstance(n, ast.Call) and ast.unparse(n.func) == "qt.QShortcut" and n.args
-        and ast.unparse(n.args[0]).startswith("qt.QKeySequence(")
-        for n in ast.walk(setup)
-    )  # fmt: skip
-    bindings = {}
-    for node in ast.walk(setup):
-        if isinstance(node, ast.For) and any(
-            isinstance(n, ast.Call) and ast.unparse(n.func) == "qt.QShortcut" for n in ast.walk(node)
-        ):
-            for pair in node.iter.elts:
-                bindings[pair.elts[0].value] = pair.elts[1].attr
-    cleanup = ast.unparse(_method(widget, "cleanup"))
-    cleaned = (
-        "shortcut.disconnect(" in cleanup
-        and "shortcut.setParent(None)" in cleanup
-        and "self._shortcuts = []" in cleanup
-    )
-    return (bindings if made else {}), cleaned
-
-
-def logic_calls_missing(py_source):
-    """`self.logic.<name>` used by the Widget that AnomalyFlagLogic does not define."""
-    tree = ast.parse(py_source)
-    logic = _class(tree, "AnomalyFlagLogic")
-    defined = {n.name for n in logic.body if isinstance(n, ast.FunctionDef)}
-    init = _method(logic, "__init__")
-    defined |= {
-        t.attr for n in ast.walk(init) if isinstance(n, ast.Assign) for t in n.targets if isinstance(t, ast.Attribute)
-    }
-    used = {
-        n.attr
-        for n in ast.walk(_class(tree, "AnomalyFlagWidget"))
-        if isinstance(n, ast.Attribute) and ast.unparse(n.value) == "self.logic"
-    }
-    return sorted(used - defined - {"getParameterNode"})  # ScriptedLoadableModuleLogic's
-
-
-def test_review_section_has_its_widgets():
-    ui_text = UI_FILE.read_text()
-    section = review_section_widgets(ui_text)
-    assert {name: section.get(name) for name in REVIEW_WIDGETS} == REVIEW_WIDGETS
-    assert (
-        review_section_widgets(ui_text.replace('name="skipSliceButton"', 'name="skip"')).get("skipSliceButton") is None
-    )
-    texts = {w.get("name"): w.findtext("property[@name='text']/string") for w in ET.fromstring(ui_text).iter("widget")}
-    for key, slot in SHORTCUTS.items():
-        button = next(b for b, s in BUTTON_SLOTS.items() if s == slot)
-        assert f"({key})" in texts[button], "the button names its shortcut"
-    fields = parameter_node_fields(MODULE_FILE.read_text())
-    assert fields["reviewer"] == "str" and fields["worklistFolder"] == "pathlib.Path"
-    assert set(REVIEW_WIDGETS) <= set(ui_widgets(ui_text))
-
-
-def test_review_buttons_are_connected_to_widget_methods():
-    source = MODULE_FILE.read_text()
-    connected = connected_buttons(source)
-    assert {b: connected.get(b) for b in BUTTON_SLOTS} == BUTTON_SLOTS
-    widget = _class(ast.parse(source), "AnomalyFlagWidget")
-    methods = {n.name for n in widget.body if isinstance(n, ast.FunctionDef)}
-    assert set(BUTTON_SLOTS.values()) | {"onReviewSliceSelected"} <= methods
-    broken = source.replace('self.ui.nextCaseButton.connect("clicked(bool)", self.onNextCase)', "")
-    assert "nextCaseButton" not in connected_buttons(broken)
-
-
-def test_review_shortcuts_are_made_and_cleaned_up():
-    source = MODULE_FILE.read_text()
-    bindings, cleaned = shortcut_bindings(source)
-    assert bindings == SHORTCUTS and cleaned
-    _, cleaned = shortcut_bindings(source.replace("shortcut.setParent(None)", "pass"))
-    assert not cleaned
-    bindings, _ = shortcut_bindings(source.replace('("S", self.onSkipSlice)', '("S", self.onUndoDecision)'))
-    assert bindings["S"] == "onUndoDecision"
-
-
-def test_recontour_opens_the_segment_editor_on_the_target():
-    source = MODULE_FILE.read_text()
-    body = ast.unparse(_method(_class(ast.parse(source), "AnomalyFlagWidget"), "_openSegmentEditor"))
-    for call in (
-        "slicer.util.selectModule('SegmentEditor')",
-        "prepareSegmentEditorNode(target, editorWidget.mrmlSegmentEditorNode())",
-        "editorWidget.setSegmentationNode(segmentationNode)",
-        "editorWidget.setSourceVolumeNode(volumeNode)",
-        "editorWidget.setMasterVolumeNode(volumeNode)",
-        "editorWidget.setCurrentSegmentID(target['segmentID'])",
-        "self.logic.jumpToReviewSlice(target['sliceIndex'])",
-    ):
-        assert call in body, call
-    recontour = ast.unparse(_method(_class(ast.parse(source), "AnomalyFlagWidget"), "onRecontourSlice"))
-    assert "self.logic.startRecontour(sliceIndex)" in recontour and "self._openSegmentEditor(target)" in recontour
-
-
-def test_every_logic_call_of_the_widget_exists():
-    source = MODULE_FILE.read_text()
-    assert logic_calls_missing(source) == []
-    assert logic_calls_missing(source.replace("self.logic.acceptSlice", "self.logic.acceptSlices")) == ["acceptSlices"]
-
-
-def test_review_logic_methods_are_documented_and_gui_free():
-    tree = ast.parse(MODULE_FILE.read_text())
-    logic = _class(tree, "AnomalyFlagLogic")
-    for name in ("openReview", "reviewQueue", "reviewProgressText", "acceptSlice", "skipSlice", "startRecontour",
-                 "finishRecontour", "closeReview", "loadWorklist", "nextCase", "previousCase"):  # fmt: skip
-        method = _method(logic, name)
-        assert ast.get_docstring(method), f"{name} has no docstring"
-        used = {ast.unparse(n) for n in ast.walk(method) if isinstance(n, ast.Attribute)}
-        assert not any(u.startswith(("qt.", "ctk.", "self.ui", "slicer.util.selectModule")) for u in used), name

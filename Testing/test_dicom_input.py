@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 from AnomalyFlagLib.cli import main
-from AnomalyFlagLib.io.datasets import discover_cases
+from AnomalyFlagLib.io.cases import discover_cases
 from AnomalyFlagLib.phantom import write_dicom_series
 from AnomalyFlagLib.scoring import Scorer
 

@@ -10,8 +10,8 @@ import SimpleITK as sitk
 from AnomalyFlagLib.cli import EXIT_USAGE, main
 from AnomalyFlagLib.errors import InputError
 from AnomalyFlagLib.geometry import Geometry
-from AnomalyFlagLib.io.datasets import Case, discover_cases, roi_for_case
-from AnomalyFlagLib.io.nrrd_stream import read_header
+from AnomalyFlagLib.io.cases import Case, discover_cases, roi_for_case
+from AnomalyFlagLib.io.nrrd_header import read_header
 from AnomalyFlagLib.io.slice_source import open_source
 from AnomalyFlagLib.io.volumes import read_image
 from AnomalyFlagLib.phantom import make_phantom, write_dicom_series

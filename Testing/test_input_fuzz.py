@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 from AnomalyFlagLib.cli import main
-from AnomalyFlagLib.io.nrrd_stream import read_header
+from AnomalyFlagLib.io.nrrd_header import read_header
 from AnomalyFlagLib.phantom import make_phantom, write_dicom_series
 
 SEED = 20260801

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 import SimpleITK as sitk
-from AnomalyFlagLib.io.datasets import Case
+from AnomalyFlagLib.io.cases import Case
 from AnomalyFlagLib.io.montage import MontageSlices, write_flagged_montage
 from AnomalyFlagLib.io.scored_case import CaseFiles, ScoreOptions, score_cases
 from AnomalyFlagLib.orientation import AxialFrame

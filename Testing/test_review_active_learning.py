@@ -174,7 +174,7 @@ def test_review_then_export_training(scored, tmp_path):
     assert meta["cases_reviewed"] == 2 and meta["cases_exported"] == 1 and meta["skipped"] == []
 
     # readable as a MONAI datalist and as an AnomalyFlag training input
-    from AnomalyFlagLib.io.datasets import discover_cases
+    from AnomalyFlagLib.io.cases import discover_cases
     from monai.data import load_decathlon_datalist
 
     items = load_decathlon_datalist(str(datalist_path), is_segmentation=True, data_list_key="training")

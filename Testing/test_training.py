@@ -10,9 +10,10 @@ import torch
 from AnomalyFlagLib.bundle import load_bundle
 from AnomalyFlagLib.calibration import calibrate
 from AnomalyFlagLib.errors import CancelledError, InputError
-from AnomalyFlagLib.io.datasets import discover_cases, load_slices
+from AnomalyFlagLib.io.cases import discover_cases
 from AnomalyFlagLib.phantom import make_phantom
 from AnomalyFlagLib.training import recalibrate, train
+from AnomalyFlagLib.training_slices import load_slices
 from conftest import tiny_configs
 
 

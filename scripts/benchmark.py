@@ -46,7 +46,7 @@ def measure(model: str, volume: str, out: str, device: str, batch_size) -> dict:
     """Run in a child process: score one volume to files, as `anomalyflag score` does."""
     sys.path.insert(0, str(ROOT / "AnomalyFlag"))
     import torch
-    from AnomalyFlagLib.io.datasets import Case
+    from AnomalyFlagLib.io.cases import Case
     from AnomalyFlagLib.io.scored_case import score_cases
     from AnomalyFlagLib.scoring import Scorer
     from torch.utils.flop_counter import FlopCounterMode

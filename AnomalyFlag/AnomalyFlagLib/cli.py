@@ -224,7 +224,7 @@ def _score_cases(a, cases, out_dir, progress_label="score"):
 
 
 def _cmd_score(a):
-    from .io.datasets import discover_cases
+    from .io.cases import discover_cases
 
     out_dir = Path(a.output)
     results, failures = _score_cases(a, discover_cases(a.input, "input"), out_dir)
@@ -285,7 +285,7 @@ def _cmd_worklist(a):
     else:
         if not (a.model and a.input):
             raise InputError("worklist needs --model and --input to score scans, or --scores to rank scored outputs.")
-        from .io.datasets import discover_cases
+        from .io.cases import discover_cases
 
         results, failures = _score_cases(a, discover_cases(a.input, "input"), out_dir, progress_label="worklist")
         if not results:

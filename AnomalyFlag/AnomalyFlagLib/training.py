@@ -17,9 +17,10 @@ from .config import PreprocessConfig, ScoreConfig
 from .detectors import DEFAULT_BACKEND, TrainingData, TrainingRun, backend_class
 from .devices import autocast_for, select_device
 from .errors import InputError
-from .io.datasets import SliceSet, discover_cases, load_slices, split_cases, split_slices
+from .io.cases import discover_cases
 from .maps import MapStatisticsAccumulator, neighbour_max
 from .preprocessing import InputSpec
+from .training_slices import SliceSet, load_slices, split_cases, split_slices
 
 MAX_CALIBRATION_PIXELS = 400_000
 MIN_TRAINING_SLICES = 8

@@ -153,7 +153,7 @@ def scoreFolder(modelPath, inputFolder, outputFolder, device="auto", batchSize=N
     {"case", "error"} for a case that could not be scored. `progress(done, total)` counts per mille of
     the whole folder; `cancel()` stops with CancelledError (finished cases keep their files).
     """
-    from AnomalyFlagLib.io.datasets import discover_cases
+    from AnomalyFlagLib.io.cases import discover_cases
     from AnomalyFlagLib.io.scored_case import ScoreOptions, score_cases
 
     log = log or logging.info

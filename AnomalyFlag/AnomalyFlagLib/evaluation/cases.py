@@ -13,7 +13,7 @@ import SimpleITK as sitk
 import torch
 
 from ..errors import InputError
-from ..io.datasets import discover_cases
+from ..io.cases import discover_cases
 from ..io.scored_case import CaseOutputs, prepare_output_dir
 from ..io.slice_source import open_source
 from ..io.volumes import read_image

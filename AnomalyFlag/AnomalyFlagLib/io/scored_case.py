@@ -384,7 +384,7 @@ def write_case_files(result: CaseResult, out_dir, extra_summary: Optional[dict] 
 @dataclass(frozen=True)
 class ScoreOptions:
     """How `score_cases` scores each case: `roi` a file for one case or a folder of per-case files (see
-    io.datasets.roi_for_case) with its label values and margin, and whether to draw the montage."""
+    io.cases.roi_for_case) with its label values and margin, and whether to draw the montage."""
 
     roi: Optional[Path] = None
     roi_labels: Optional[Sequence[int]] = None
@@ -396,7 +396,7 @@ class ScoreOptions:
 class CaseOutcome:
     """One case of `score_cases`: its result and published summary, or the error that stopped it."""
 
-    case: object  # io.datasets.Case
+    case: object  # io.cases.Case
     result: Optional[CaseResult] = None
     summary: Optional[dict] = None
     images: List[str] = field(default_factory=list)
@@ -415,14 +415,14 @@ def score_cases(
     progress: Optional[Callable[[int, object], Callable[[int, int], None]]] = None,
     cancel: Optional[Callable[[], bool]] = None,
 ) -> Iterator[CaseOutcome]:
-    """Score `cases` (io.datasets.Case) into `out_dir`, publishing each case's files as one set, and yield
+    """Score `cases` (io.cases.Case) into `out_dir`, publishing each case's files as one set, and yield
     one CaseOutcome per case as it finishes; a case that fails yields its error and the others go on.
 
     `extra_images(case, result, outputs, roi)` may stage more PNGs of a case with flags (the Slicer
     snapshots); `progress(i, case)` gives the progress callback of the i-th case; cancel() stops with a
     CancelledError, finished cases keep their files.
     """
-    from .datasets import roi_for_case
+    from .cases import roi_for_case
     from .montage import MontageSlices, write_flagged_montage
 
     single = len(cases) == 1

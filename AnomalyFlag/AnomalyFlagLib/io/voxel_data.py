@@ -12,6 +12,7 @@ from typing import Dict, Optional
 import numpy as np
 
 from ..errors import InputError
+from .nrrd_header import NRRD_TYPES, read_header
 
 
 class CheckedStream:
@@ -142,8 +143,6 @@ def voxel_data(path, name: Optional[str] = None) -> Optional[VoxelData]:
 
 
 def _nrrd_data(path: Path) -> Optional[VoxelData]:
-    from .nrrd_stream import NRRD_TYPES, read_header
-
     fields = read_header(path)
     if not fields or fields.get("type", "").lower() not in NRRD_TYPES:
         return None

@@ -134,7 +134,7 @@ def read_worklist(path) -> List[dict]:
 def _images_in(images_dir) -> Dict[str, Path]:
     if not images_dir:
         return {}
-    from ..io.datasets import discover_cases
+    from ..io.cases import discover_cases
 
     return {c.name: c.image for c in discover_cases(images_dir, "images folder")}
 

@@ -127,3 +127,24 @@ def test_failed_writes_and_bad_names(tmp_path):
         next_version_path(tmp_path, "../case1")
     with pytest.raises(SessionError, match="does not exist"):
         write_new_version(tmp_path / "missing", "case1", lambda p: p.write_bytes(b"x"))
+
+
+def test_change_measure_without_torch_is_a_clear_error(monkeypatch):
+    import builtins
+
+    real_import = builtins.__import__
+
+    def no_torch(name, *args, **kwargs):
+        if name.split(".")[0] in ("torch", "monai"):
+            raise ImportError(f"No module named '{name}'")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_torch)
+    label = np.zeros((3, 4, 4), np.uint8)
+    with pytest.raises(SessionError, match="needs torch and MONAI"):
+        slice_change(
+            label,
+            label,
+            1,
+            AxialFrame.from_geometry(Geometry((4, 4, 3), (1, 1, 1), (0, 0, 0), (1, 0, 0, 0, 1, 0, 0, 0, 1))),
+        )

@@ -144,8 +144,14 @@ def slice_change(
     derive it from). Both labels are (k, j, i) arrays on the same grid; a voxel is foreground when it is
     non-zero (or in `labels`). Two empty slices have Dice 1.0. The Dice is MONAI's (imported here, so that
     opening a review needs neither torch nor MONAI)."""
-    import torch
-    from monai.metrics import compute_dice
+    try:
+        import torch
+        from monai.metrics import compute_dice
+    except ImportError as exc:
+        raise SessionError(
+            f"measuring the change of a recontoured slice needs torch and MONAI, which are not installed ({exc}); "
+            "install AnomalyFlag's dependencies first."
+        ) from None
 
     original = np.asarray(original_label)
     edited = np.asarray(edited_label)

@@ -142,9 +142,4 @@ def test_change_measure_without_torch_is_a_clear_error(monkeypatch):
     monkeypatch.setattr(builtins, "__import__", no_torch)
     label = np.zeros((3, 4, 4), np.uint8)
     with pytest.raises(SessionError, match="needs torch and MONAI"):
-        slice_change(
-            label,
-            label,
-            1,
-            AxialFrame.from_geometry(Geometry((4, 4, 3), (1, 1, 1), (0, 0, 0), (1, 0, 0, 0, 1, 0, 0, 0, 1))),
-        )
+        slice_change(label, label, 1, Geometry((4, 4, 3), (1.0, 1.0, 1.0), (0, 0, 0), IDENTITY))

@@ -14,14 +14,32 @@ from ..errors import InputError
 from .volumes import case_name, find_cases, refuse_duplicate_case_names
 
 MASK_SUFFIXES = ("_label", "_mask", "_anomaly", "_lesion")
-COMPANION_SUFFIXES = ("_organs", "_heatmap")
+SEGMENTATION_SUFFIX = "_seg"
+REFERENCE_SUFFIX = "_reference"
+COMPANION_SUFFIXES = ("_organs", "_heatmap", SEGMENTATION_SUFFIX, REFERENCE_SUFFIX)
 
 
 @dataclass
 class Case:
+    """A volume with what may go with it: `mask` (anomaly ground truth, or slices to leave out of
+    training), `segmentation` (the deployed model's automatic contour: organ-aware scores) and `reference`
+    (a reference contour of the same structure, to measure the automatic one's failures)."""
+
     name: str
     image: Path
     mask: Optional[Path] = None
+    segmentation: Optional[Path] = None
+    reference: Optional[Path] = None
+
+
+def _companion(folder: Path, stem: str, suffix: str) -> Optional[Path]:
+    """`<stem><suffix>.*` in `folder` (a volume or a .seg.nrrd); for the segmentation also `<stem>.seg.nrrd`."""
+    names = {f"{stem}{suffix}", f"{stem}{suffix}.seg"} | ({f"{stem}.seg"} if suffix == SEGMENTATION_SUFFIX else set())
+    found = sorted(f for f in folder.iterdir() if f.is_file() and case_name(f) in names)
+    if len(found) > 1:
+        raise InputError(f"folder '{folder}' holds several {suffix[1:]} files for case '{stem}': "
+                         f"{', '.join(repr(str(f.name)) for f in found)}; keep one.")  # fmt: skip
+    return found[0] if found else None
 
 
 def _stem(path: Path) -> str:
@@ -47,15 +65,23 @@ def discover_cases(path, name: str = "training input") -> List[Case]:
             images.append(f)
     if not images:
         raise InputError(f"{name} '{path}' holds masks but no image volumes.")
-    return [Case(case_name(f), f, masks.get(_stem(f))) for f in images]
+    cases = []
+    for f in images:
+        stem, folder = _stem(f), f.parent
+        companions = path.is_dir() and folder == path
+        cases.append(Case(case_name(f), f, masks.get(stem),
+                          _companion(folder, stem, SEGMENTATION_SUFFIX) if companions else None,
+                          _companion(folder, stem, REFERENCE_SUFFIX) if companions else None))  # fmt: skip
+    return cases
 
 
 def roi_for_case(case: Case, roi: Optional[Path], single: bool) -> Optional[Path]:
     """The ROI file for a case: `roi` itself when it is a file and there is a `single` case, otherwise the
-    file in folder `roi` named <case>.seg.nrrd, <case>_seg.*, <case>_organs.* or <case>.*; None if there is
-    none. One ROI file for several cases is refused: each case needs its own segmentation."""
+    file in folder `roi` named <case>.seg.nrrd, <case>_seg.*, <case>_organs.* or <case>.*; without `roi`
+    the case's own segmentation beside it (`<case>_seg.*`), else None. One ROI file for several cases is
+    refused: each case needs its own segmentation."""
     if not roi:
-        return None
+        return case.segmentation
     roi = Path(roi)
     if not roi.exists():
         raise InputError(f"ROI '{roi}' does not exist.")
@@ -88,7 +114,9 @@ def _datalist_cases(path: Path) -> List[Case]:
         if not isinstance(entry, dict) or "image" not in entry:
             raise InputError(f"datalist '{path}' entry {i} has no 'image'.")
         image = (path.parent / entry["image"]).resolve()
+        extra = {key: entry.get(key) for key in ("segmentation", "reference")}
         mask = entry.get("label") or entry.get("mask")
-        cases.append(Case(case_name(image), image, (path.parent / mask).resolve() if mask else None))
+        extra = {key: (path.parent / value).resolve() if value else None for key, value in extra.items()}
+        cases.append(Case(case_name(image), image, (path.parent / mask).resolve() if mask else None, **extra))
     refuse_duplicate_case_names([c.image for c in cases], f"datalist '{path}'")
     return cases

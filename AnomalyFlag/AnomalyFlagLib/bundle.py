@@ -23,7 +23,7 @@ from safetensors.torch import load_file, save_file
 
 from . import __version__
 from .atomic_files import atomic_path, dumps_json, sha256_of
-from .calibration import Calibration
+from .calibration import Calibration, OrganCalibration
 from .config import (
     METADATA_FILE,
     FieldError,
@@ -53,6 +53,8 @@ TOP_LEVEL_KEYS = ("format", "format_version", "name", "backend", "components", "
                   "orientation", "position_reference", "scoring", "calibration", "threshold", "training",
                   "versions", "weights")  # fmt: skip
 """The keys `save_bundle` writes besides the backend's own block (named after the backend)."""
+OPTIONAL_KEYS = ("organ_calibration",)
+"""Keys added within format version 2 that older bundles lack."""
 
 
 def library_versions() -> dict:
@@ -82,6 +84,7 @@ class Bundle:
     statistics: Optional[MapStatistics] = None
     calibration: Optional[Calibration] = None
     metadata: dict = field(default_factory=dict)
+    organ_calibration: Optional[OrganCalibration] = None
 
     @property
     def name(self) -> str:
@@ -100,7 +103,10 @@ class Bundle:
     def fingerprint(self) -> str:
         """Short identity of the weights and calibration (for sidecars and summaries)."""
         weights = self.metadata.get("weights", {})
-        text = json.dumps([weights, self.calibration.to_dict() if self.calibration else None], sort_keys=True)
+        parts = [weights, self.calibration.to_dict() if self.calibration else None]
+        if self.organ_calibration is not None:
+            parts.append(self.organ_calibration.to_dict())
+        text = json.dumps(parts, sort_keys=True)
         return hashlib.sha256(text.encode()).hexdigest()[:16]
 
     def map_scorer(self) -> MapScorer:
@@ -173,6 +179,7 @@ def save_bundle(bundle: Bundle, path, training_summary: Optional[dict] = None) -
             "scoring": config_to_dict(bundle.scoring),
             "calibration": bundle.calibration.to_dict() if bundle.calibration else None,
             "threshold": bundle.calibration.threshold if bundle.calibration else None,
+            "organ_calibration": bundle.organ_calibration.to_dict() if bundle.organ_calibration else None,
             "training": training_summary if training_summary is not None else bundle.metadata.get("training"),
             "versions": library_versions(),
             "weights": weights,
@@ -290,7 +297,8 @@ def check_metadata(metadata, path) -> Bundle:
 
 def _check_fields(metadata: dict, cls, path: Path) -> Bundle:
     name = cls.name
-    check_keys(metadata, "", TOP_LEVEL_KEYS + (name,), "bundle metadata")
+    optional = tuple(key for key in OPTIONAL_KEYS if key in metadata)
+    check_keys(metadata, "", TOP_LEVEL_KEYS + optional + (name,), "bundle metadata")
     check_value(metadata["name"], str, "name")
     check_keys(metadata[name], name, ("architecture", "training_options"), f"'{name}' backend")
     architecture = config_from_dict(cls.Architecture, metadata[name]["architecture"], f"{name}.architecture")
@@ -324,6 +332,10 @@ def _check_fields(metadata: dict, cls, path: Path) -> Bundle:
     else:
         expected = f"calibration.threshold ({calibration.threshold!r})"
         expect(threshold == calibration.threshold, "threshold", expected, threshold)
+    organ = None
+    if metadata.get("organ_calibration") is not None:
+        expect(calibration is not None, "organ_calibration", "null, as the bundle has no calibration", "an object")
+        organ = OrganCalibration.from_dict(metadata["organ_calibration"], "organ_calibration")
     check_value(metadata["training"], Optional[dict], "training")
     check_value(metadata["versions"], Dict[str, str], "versions")
     backend = cls(architecture, spec)
@@ -332,7 +344,7 @@ def _check_fields(metadata: dict, cls, path: Path) -> Bundle:
     statistics = None
     if calibration is not None:
         statistics = MapStatistics([c.name for c in cls.components], scoring.position_bins, preprocess.image_size)
-    return Bundle(path, backend, options, preprocess, scoring, statistics, calibration, metadata)
+    return Bundle(path, backend, options, preprocess, scoring, statistics, calibration, metadata, organ)
 
 
 def _load_tensors(path: Path, entry: dict, name: str, module: torch.nn.Module, device) -> None:

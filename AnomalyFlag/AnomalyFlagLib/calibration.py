@@ -7,7 +7,7 @@ normal body pixels. Nothing here ever looks at anomalous data or rescales by a t
 """
 
 from dataclasses import asdict, dataclass
-from typing import List
+from typing import List, Optional, Sequence
 
 import numpy as np
 
@@ -72,6 +72,42 @@ class Calibration:
     def from_dict(cls, data: dict, key: str = "calibration") -> "Calibration":
         """From metadata; raises FieldError (see `config.config_from_dict`)."""
         return config_from_dict(cls, data, key)
+
+
+def describe_region(labels: Optional[Sequence[int]], margin_mm: float) -> str:
+    """'labels 2, 3 plus 10 mm' or 'any non-zero label plus 10 mm'."""
+    which = f"labels {', '.join(map(str, labels))}" if labels else "any non-zero label"
+    return f"{which} plus {float(margin_mm):g} mm"
+
+
+@dataclass
+class OrganCalibration(Calibration):
+    """Calibration of the organ-aware score: the localised score of the anomaly map inside a segmentation
+    (`labels`, None: any non-zero) dilated by `margin_mm`, on normal scans with their contours. It applies
+    to a scan scored with the same labels and margin."""
+
+    labels: Optional[List[int]] = None
+    margin_mm: float = 10.0
+
+    def applies(self, labels: Optional[Sequence[int]], margin_mm: float) -> bool:
+        mine = sorted(self.labels) if self.labels else None
+        theirs = sorted(int(v) for v in labels) if labels else None
+        return mine == theirs and abs(float(margin_mm) - self.margin_mm) < 1e-6
+
+    def describe(self) -> str:
+        return describe_region(self.labels, self.margin_mm)
+
+    def validate(self) -> None:
+        super().validate()
+        if self.labels is not None:
+            expect(
+                len(self.labels) > 0 and all(v > 0 for v in self.labels), "labels", "positive label values", self.labels
+            )
+        expect(0 <= self.margin_mm <= 200, "margin_mm", "0 to 200 mm", self.margin_mm)
+
+    @classmethod
+    def from_calibration(cls, calibration: Calibration, labels, margin_mm: float) -> "OrganCalibration":
+        return cls(**asdict(calibration), labels=list(labels) if labels else None, margin_mm=float(margin_mm))
 
 
 def _robust(values: np.ndarray):

@@ -40,6 +40,15 @@ def _margin_mm(text: str) -> float:
         ) from None
 
 
+def _add_roi_region(p, what: str) -> None:
+    p.add_argument(
+        "--roi-labels", type=_label_values, help=f"comma-separated label values of the {what} (default: any non-zero)"
+    )
+    p.add_argument(
+        "--roi-margin-mm", type=_margin_mm, default=10.0, help=f"margin around the {what}, 0 to 200 mm (default 10)"
+    )
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="anomalyflag",
@@ -63,8 +72,10 @@ def _parser() -> argparse.ArgumentParser:
         "--input",
         required=True,
         help="folder of normal volumes (NRRD, NIfTI, MHA, DICOM series "
-        "folders) or a MONAI-style datalist JSON; *_label/_mask volumes exclude their slices",
+        "folders) or a MONAI-style datalist JSON; *_label/_mask volumes exclude their slices; a <case>_seg.* "
+        "(or <case>.seg.nrrd) segmentation beside a case also gives the organ-aware calibration",
     )
+    _add_roi_region(p, "segmentations for the organ-aware calibration")
     p.add_argument("--output", required=True, help="model bundle folder to write")
     p.add_argument("--backend", default=DEFAULT_BACKEND, choices=sorted(BACKENDS), help="detector backend")
     p.add_argument("--modality", default="CT", type=str.upper, choices=("CT", "MR"))
@@ -94,8 +105,9 @@ def _parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("calibrate", help="recalibrate a bundle on new NORMAL data")
     p.add_argument("--model", required=True)
-    p.add_argument("--input", required=True, help="normal volumes (as for train)")
+    p.add_argument("--input", required=True, help="normal volumes (as for train), with <case>_seg.* for organ-aware")
     p.add_argument("--output", help="write the recalibrated bundle here instead of in place")
+    _add_roi_region(p, "segmentations for the organ-aware calibration")
     p.add_argument("--false-flag-rate", type=float, default=None)
     _add_device(p)
 
@@ -106,14 +118,11 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--roi",
         help="segmentation or label map restricting flags and heatmap (one input volume), "
-        "or a folder holding <case>.seg.nrrd / <case>_seg.* / <case>_organs.* files",
+        "or a folder holding <case>.seg.nrrd / <case>_seg.* / <case>_organs.* files (default: each case's "
+        "<case>_seg.* beside it); with the model's organ-aware calibration for the same labels and margin, "
+        "slices inside it get the organ-aware score",
     )
-    p.add_argument(
-        "--roi-labels", type=_label_values, help="comma-separated label values of the ROI (default: any non-zero)"
-    )
-    p.add_argument(
-        "--roi-margin-mm", type=_margin_mm, default=10.0, help="margin around the ROI, 0 to 200 mm (default 10)"
-    )
+    _add_roi_region(p, "ROI")
     p.add_argument("--batch-size", type=int, default=None, help="slices per batch (default: by device)")
     p.add_argument("--montage", action="store_true", help="also write <case>_flagged.png of the top flagged slices")
     _add_device(p)
@@ -163,15 +172,31 @@ def _cmd_train(a):
         resume=a.resume,
         device=a.device,
         progress=progress,
+        roi_labels=a.roi_labels,
+        roi_margin_mm=a.roi_margin_mm,
     )
     print(f"Model bundle written to {out}")
+    _print_organ_calibration(out)
 
 
 def _cmd_calibrate(a):
     from .training import recalibrate
 
-    out = recalibrate(a.model, a.input, a.output, a.false_flag_rate, a.device)
+    out = recalibrate(a.model, a.input, a.output, a.false_flag_rate, a.device, roi_labels=a.roi_labels,
+                      roi_margin_mm=a.roi_margin_mm)  # fmt: skip
     print(f"Recalibrated bundle written to {out}")
+    _print_organ_calibration(out)
+
+
+def _print_organ_calibration(path) -> None:
+    from .bundle import load_bundle
+
+    bundle = load_bundle(path, device="cpu")
+    body, organ = bundle.calibration, bundle.organ_calibration
+    print(f"Whole-body threshold {body.threshold:.3f} ({body.num_slices} normal slices)")
+    if organ is not None:
+        print(f"Organ-aware threshold {organ.threshold:.3f} for {organ.describe()} ({organ.num_slices} normal "
+              f"slices of {organ.num_cases} case(s) with segmentations)")  # fmt: skip
 
 
 def _score_options(a):

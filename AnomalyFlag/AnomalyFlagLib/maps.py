@@ -163,10 +163,11 @@ class MapScorer:
         z = self.statistics.normalise(raw, positions)
         pixel_map = sum(self.weights[name] * smooth(v.clamp_min(0), self.sigma_px) for name, v in z.items())
         pixel_map = pixel_map * inside
-        components = {name: self._pool(smooth(v.clamp_min(0), self.sigma_px) * inside) for name, v in z.items()}
-        return BatchScores(self._pool(pixel_map), components, pixel_map)
+        components = {name: self.pool(smooth(v.clamp_min(0), self.sigma_px) * inside) for name, v in z.items()}
+        return BatchScores(self.pool(pixel_map), components, pixel_map)
 
-    def _pool(self, maps: torch.Tensor) -> torch.Tensor:
+    def pool(self, maps: torch.Tensor) -> torch.Tensor:
+        """The localised slice score of (n, S, S) maps: the mean of their top `score_area_mm2`."""
         flat = maps.flatten(1)
         k = min(self.top_k, flat.shape[1])
         return flat.topk(k, dim=1).values.mean(dim=1)

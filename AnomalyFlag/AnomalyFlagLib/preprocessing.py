@@ -130,6 +130,23 @@ class SlicePreprocessor:
         )
         return out.unsqueeze(1).contiguous(), Placement(shape, tops, lefts)
 
+    def mask_to_model(self, mask, placement: Placement) -> torch.Tensor:
+        """(n, rows, columns) boolean mask on the slice grid -> (n, 1, S, S) bool on the model squares of
+        `placement` (as `to_model` placed the slices), False beyond the slice."""
+        m = torch.as_tensor(np.asarray(mask), dtype=torch.float32) if not torch.is_tensor(mask) else mask.float()
+        shape = placement.scaled_shape
+        if tuple(m.shape[1:]) != tuple(shape):
+            m = _plain(Resize(shape, mode="bilinear")(m))
+        s = self.size
+        padded = torch.nn.functional.pad(m, (s, s, s, s), value=0.0)
+        out = torch.stack(
+            [
+                padded[i, t + s : t + 2 * s, c + s : c + 2 * s]
+                for i, (t, c) in enumerate(zip(placement.tops, placement.lefts))
+            ]
+        )
+        return (out > 0.5).unsqueeze(1)
+
     def _corners(self, x: torch.Tensor) -> Tuple[List[int], List[int]]:
         """Top-left corner (may be negative) of the model square in each resampled slice."""
         n, h, w = x.shape

@@ -16,7 +16,7 @@ from .distribution import MESSAGE as DISTRIBUTION_MESSAGE
 from .geometry import Geometry
 
 LEADING_COLUMNS = ("index", "z_mm", "position")
-TRAILING_COLUMNS = ("score", "score_from", "normalised", "flagged", "in_roi", "anomaly_fraction")
+TRAILING_COLUMNS = ("score", "score_from", "normalised", "flagged", "in_roi", "anomaly_fraction", "score_kind")
 COLUMN_DESCRIPTIONS = {
     "index": "slice index along the volume's axis closest to superior-inferior",
     "z_mm": "superior coordinate of the slice centre (mm)",
@@ -27,6 +27,8 @@ COLUMN_DESCRIPTIONS = {
     "flagged": "1 when the slice is flagged",
     "in_roi": "1 when the slice is within the region of interest",
     "anomaly_fraction": "share of ROI/body pixels over the pixel threshold",
+    "score_kind": "which score and calibration the slice's normalised score is: 'organ' (inside the segmentation "
+    "plus its margin, calibrated on normal scans with their contours) or 'body' (the whole-body score)",
 }
 
 

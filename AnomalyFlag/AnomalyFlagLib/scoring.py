@@ -13,6 +13,7 @@ import SimpleITK as sitk
 import torch
 
 from .bundle import Bundle, load_bundle
+from .calibration import describe_region
 from .devices import autocast_for, default_batch_size, select_device
 from .distribution import distribution_warnings
 from .errors import CancelledError, InputError
@@ -87,6 +88,18 @@ class Scorer:
         result.timings["total"] = round(time.perf_counter() - started, 3)
         return result
 
+    def _organ_calibration(self, roi_slabs, roi_labels, roi_margin_mm):
+        """(the organ-aware calibration to use or None, a note saying which score the ROI's slices get)."""
+        organ = self.bundle.organ_calibration
+        if roi_slabs is None:
+            return None, None
+        if organ is None:
+            return None, "whole-body score: the model has no organ-aware calibration"
+        if not organ.applies(roi_labels, roi_margin_mm):
+            asked = describe_region(roi_labels, roi_margin_mm)
+            return None, f"whole-body score: the organ-aware calibration is for {organ.describe()}, not for {asked}"
+        return organ, f"organ-aware score of {organ.describe()}"
+
     def _score_source(self, source, sink, roi, roi_labels, roi_margin_mm, progress, cancel, keeper) -> CaseResult:
         geometry, frame = source.geometry, source.frame
         n = source.num_slices
@@ -99,6 +112,8 @@ class Scorer:
             mask = roi_on_image_grid(roi, geometry, roi_labels)
             roi_slabs = RoiSlabs(mask, geometry, roi_margin_mm)
         cal = self.calibration
+        organ_cal, organ_note = self._organ_calibration(roi_slabs, roi_labels, roi_margin_mm)
+        organ_scores = np.full(n, -np.inf)
         names = [c.name for c in self.bundle.components]
         values = {name: np.zeros(n) for name in names + ["score"]}
         frac, in_roi = np.zeros(n), np.zeros(n, dtype=bool)
@@ -119,6 +134,9 @@ class Scorer:
             values["score"][k0:k1] = scores.score.float().cpu().numpy()
             for name in names:
                 values[name][k0:k1] = scores.components[name].float().cpu().numpy()
+            if organ_cal is not None:
+                region_model = self.pre.mask_to_model(roi_slabs.slab(k0, k1), placement).to(self.device)
+                organ_scores[k0:k1] = self.map_scorer.pool(scores.pixel_map.float() * region_model[:, 0]).cpu().numpy()
             maps = torch.cat([scores.pixel_map.float() / cal.pixel_threshold, body[:, 0].float()]).cpu()
             grid = self.pre.to_slice_grid(maps, placement, source.rows, source.columns)
             index, region = grid[: k1 - k0], grid[k1 - k0 :] > 0.5
@@ -142,24 +160,34 @@ class Scorer:
         context, score_from = neighbour_max(values["score"], np.zeros(n), np.arange(n),
                                             self.bundle.scoring.neighbour_slices)  # fmt: skip
         normalised = cal.normalise(context, positions)
-        flagged = (normalised > cal.threshold) & in_roi
+        score, threshold, kind = values["score"], cal.threshold, np.full(n, "body", dtype="<U5")
+        if organ_cal is not None:  # inside the ROI the organ-aware score and its own calibration
+            organ_context, organ_from = neighbour_max(np.where(in_roi, organ_scores, -np.inf), np.zeros(n),
+                                                      np.arange(n), self.bundle.scoring.neighbour_slices)  # fmt: skip
+            normalised = np.where(in_roi, organ_cal.normalise(organ_context, positions), normalised)
+            score = np.where(in_roi, organ_scores, score)
+            score_from = np.where(in_roi, organ_from, score_from)
+            kind[in_roi] = "organ"
+            threshold = organ_cal.threshold
+        flagged = (normalised > threshold) & in_roi
         frac = np.where(in_roi, frac, np.nan)
         columns = {"index": np.arange(n), "z_mm": np.round(z_mm, 3), "position": np.round(positions, 4)}
         columns.update({name: values[name] for name in names})
-        columns.update({"score": values["score"], "score_from": score_from, "normalised": normalised,
-                        "flagged": flagged, "in_roi": in_roi, "anomaly_fraction": frac})  # fmt: skip
+        columns.update({"score": score, "score_from": score_from, "normalised": normalised, "flagged": flagged,
+                        "in_roi": in_roi, "anomaly_fraction": frac, "score_kind": kind})  # fmt: skip
         table = SliceTable({c: columns[c] for c in self.columns}, self.descriptions)
         warnings = distribution_warnings(self.bundle.preprocess.modality, source.value_range[0], normalised,
-                                         cal.threshold, in_roi)  # fmt: skip
+                                         threshold, in_roi)  # fmt: skip
         roi_info = None
         if roi_slabs is not None:
             roi_info = {"labels": list(roi_labels) if roi_labels else "any non-zero", "margin_mm": roi_margin_mm,
-                        "slices": [int(roi_slabs.extent[0]), int(roi_slabs.extent[1])]}  # fmt: skip
+                        "slices": [int(roi_slabs.extent[0]), int(roi_slabs.extent[1])],
+                        "score_kind": "organ" if organ_cal is not None else "body", "score": organ_note}  # fmt: skip
         return CaseResult(
             name=source.name,
             geometry=geometry,
             slices=table,
-            threshold=cal.threshold,
+            threshold=threshold,
             model_name=self.bundle.name,
             model_fingerprint=self.bundle.fingerprint(),
             roi=roi_info,

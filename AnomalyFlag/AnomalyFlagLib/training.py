@@ -12,7 +12,7 @@ import torch
 
 from .atomic_files import atomic_path
 from .bundle import Bundle, load_bundle, new_bundle, save_bundle
-from .calibration import Calibration, calibrate
+from .calibration import Calibration, OrganCalibration, calibrate
 from .config import PreprocessConfig, ScoreConfig
 from .detectors import DEFAULT_BACKEND, TrainingData, TrainingRun, backend_class
 from .devices import autocast_for, select_device
@@ -80,8 +80,11 @@ def _folds(slices: SliceSet) -> List[torch.Tensor]:
 
 
 @torch.no_grad()
-def calibrate_on(bundle: Bundle, slices: SliceSet, num_cases: int, device, target_rate: Optional[float] = None):
-    """Fit the normal map statistics and the slice calibration on held-out NORMAL slices (in place).
+def calibrate_on(bundle: Bundle, slices: SliceSet, num_cases: int, device, target_rate: Optional[float] = None,
+                 roi_labels=None, roi_margin_mm: float = 10.0, log: Callable[[str], None] = print):  # fmt: skip
+    """Fit the normal map statistics and the slice calibration on held-out NORMAL slices (in place); where
+    slices carry their segmentation (`slices.regions`), also the organ-aware calibration of the score
+    inside it (see calibration.OrganCalibration), else the bundle keeps none.
 
     Two-fold cross-fitting: each half is scored with statistics from the other half, so the calibration
     sees scores of slices the statistics never saw (as new scans will be); the bundle keeps the
@@ -120,6 +123,7 @@ def calibrate_on(bundle: Bundle, slices: SliceSet, num_cases: int, device, targe
         return acc.finish(sc.pixel_floor, STATISTICS_SIGMA_PX, per_pixel)
 
     scores = torch.zeros(len(slices))
+    organ_scores = torch.full((len(slices),), float("nan"))
     pixels = []
     budget = max(1, MAX_CALIBRATION_PIXELS // max(1, (len(slices) + 255) // 256))
     gen = torch.Generator().manual_seed(0)
@@ -135,6 +139,10 @@ def calibrate_on(bundle: Bundle, slices: SliceSet, num_cases: int, device, targe
             maps = {n: raw[n][idx].float().to(device) for n in names}
             s = scorer(maps, slices.positions[idx].to(device), body[idx].to(device))
             scores[idx] = s.score.float().cpu()
+            if slices.regions is not None:
+                region = slices.regions[idx].to(device)
+                organ = scorer.pool(s.pixel_map.float() * region[:, 0]).cpu()
+                organ_scores[idx] = torch.where(region.flatten(1).any(dim=1).cpu(), organ, organ_scores[idx])
             inside = s.pixel_map.float().cpu()[body[idx][:, 0]]
             if inside.numel() > budget:
                 inside = inside[torch.randperm(inside.numel(), generator=gen)[:budget]]
@@ -151,6 +159,24 @@ def calibrate_on(bundle: Bundle, slices: SliceSet, num_cases: int, device, targe
         target_false_flag_rate=sc.target_false_flag_rate,
         pixel_false_positive_rate=sc.pixel_false_positive_rate,
     )
+    bundle.organ_calibration = None
+    inside = torch.isfinite(organ_scores).numpy()
+    if inside.sum() >= MIN_CALIBRATION_SLICES:
+        organ_context, _ = neighbour_max(organ_scores.numpy()[inside], slices.case_index.numpy()[inside],
+                                         slices.slice_index.numpy()[inside], sc.neighbour_slices)  # fmt: skip
+        organ = calibrate(
+            organ_context,
+            slices.positions.numpy()[inside],
+            torch.cat(pixels).numpy(),
+            num_cases=len(np.unique(slices.case_index.numpy()[inside])),
+            position_bins=sc.position_bins,
+            target_false_flag_rate=sc.target_false_flag_rate,
+            pixel_false_positive_rate=sc.pixel_false_positive_rate,
+        )
+        bundle.organ_calibration = OrganCalibration.from_calibration(organ, roi_labels, roi_margin_mm)
+    elif inside.any():
+        log(f"Warning: only {int(inside.sum())} held-out slices show their segmentation (at least "
+            f"{MIN_CALIBRATION_SLICES} are needed); the model gets no organ-aware calibration.")  # fmt: skip
     return bundle.calibration
 
 
@@ -187,12 +213,16 @@ def train(
     progress: Optional[Callable] = None,
     cancel: Optional[Callable[[], bool]] = None,
     log: Callable[[str], None] = print,
+    roi_labels=None,
+    roi_margin_mm: float = 10.0,
 ) -> Path:
     """Train `backend` on the normal volumes at `input_path`, calibrate on held-out normal slices, save a bundle.
 
     With `max_minutes` every stage gets its share of the time left after loading and before calibration,
     so the whole run, calibration included, ends within about that time (the number of steps then depends
-    on the machine's speed; without it the run is repeatable bit for bit on the CPU)."""
+    on the machine's speed; without it the run is repeatable bit for bit on the CPU). Cases with a
+    segmentation beside them (`<case>_seg.*`) also give the organ-aware calibration, of `roi_labels` plus
+    `roi_margin_mm` (see `calibrate_on`)."""
     started = time.monotonic()
     cls = backend_class(backend)
     architecture = architecture or cls.Architecture()
@@ -213,7 +243,7 @@ def train(
         raise InputError(f"cannot train backend '{backend}': {exc}") from None
     cases = discover_cases(input_path)
     log(f"Loading {len(cases)} case(s) from {input_path} ...")
-    slices = load_slices(cases, preprocess, cancel=cancel)
+    slices = load_slices(cases, preprocess, cancel=cancel, roi_labels=roi_labels, roi_margin_mm=roi_margin_mm)
     train_ids, val_ids = split_cases(len(cases), validation_fraction, seed)
     if val_ids:
         train_set, val_set = slices.subset(train_ids), slices.subset(val_ids)
@@ -249,7 +279,8 @@ def train(
     bundle.backend.fit(TrainingData(train_set.images, train_set.positions), options, run)
     bundle.backend.eval()
     train_seconds = time.monotonic() - train_started
-    calibrate_on(bundle, val_set, max(1, len(val_ids)), dev)
+    calibrate_on(bundle, val_set, max(1, len(val_ids)), dev, roi_labels=roi_labels, roi_margin_mm=roi_margin_mm,
+                 log=log)  # fmt: skip
     summary = {
         "backend": backend,
         "cases": len(cases),
@@ -259,6 +290,7 @@ def train(
         "calibration_cases": [slices.case_names[i] for i in val_ids]
         or "slice-level split (too few cases to hold one out): blocks of 4 slices",
         "excluded_masked_slices": slices.excluded_slices,
+        "segmented_cases": [c.name for c in cases if c.segmentation is not None],
         "seed": seed,
         "max_minutes": max_minutes,
         "steps": run.steps_done,
@@ -277,16 +309,17 @@ def train(
 
 
 def recalibrate(bundle_path, input_path, output=None, target_rate: Optional[float] = None, device: str = "auto",
-                log: Callable[[str], None] = print) -> Path:  # fmt: skip
-    """Calibrate an existing bundle on new NORMAL data; writes the bundle in place or to `output`."""
+                log: Callable[[str], None] = print, roi_labels=None, roi_margin_mm: float = 10.0) -> Path:  # fmt: skip
+    """Calibrate an existing bundle on new NORMAL data (organ-aware too where cases have segmentations);
+    writes the bundle in place or to `output`."""
     dev = select_device(device)
     bundle = load_bundle(bundle_path, device=dev)
     cases = discover_cases(input_path, "calibration input")
-    slices = load_slices(cases, bundle.preprocess)
+    slices = load_slices(cases, bundle.preprocess, roi_labels=roi_labels, roi_margin_mm=roi_margin_mm)
     if len(slices) < MIN_CALIBRATION_SLICES:
         raise InputError(f"calibration needs at least {MIN_CALIBRATION_SLICES} normal slices, got {len(slices)}.")
     log(f"Calibrating on {len(slices)} normal slices from {len(cases)} case(s) ...")
-    calibrate_on(bundle, slices, len(cases), dev, target_rate)
+    calibrate_on(bundle, slices, len(cases), dev, target_rate, roi_labels, roi_margin_mm, log)
     training = dict(bundle.metadata.get("training") or {})
     training["recalibrated_on"] = {"input": str(input_path), "cases": len(cases), "slices": len(slices)}
     return save_bundle(bundle, Path(output or bundle_path), training_summary=training)

@@ -2,7 +2,7 @@
 left out), and their split into training and held-out parts."""
 
 from dataclasses import dataclass
-from typing import Callable, List, Optional
+from typing import Callable, List, Optional, Sequence
 
 import numpy as np
 import torch
@@ -13,7 +13,7 @@ from .io.cases import Case
 from .io.slice_source import open_source
 from .orientation import relative_positions, slice_positions_mm
 from .preprocessing import SlicePreprocessor, volume_reference
-from .roi import roi_on_image_grid
+from .roi import RoiSlabs, roi_on_image_grid
 
 
 @dataclass
@@ -27,14 +27,16 @@ class SliceSet:
     slice_index: torch.Tensor  # index of the slice in its volume (neighbours differ by 1)
     case_names: List[str]
     excluded_slices: int = 0
+    regions: Optional[torch.Tensor] = None  # (N, 1, S, S) bool: the case's segmentation plus margin, if it has one
 
     def __len__(self) -> int:
         return self.images.shape[0]
 
     def select(self, keep: torch.Tensor) -> "SliceSet":
         """The slices where the boolean mask `keep` is True."""
+        regions = None if self.regions is None else self.regions[keep]
         return SliceSet(self.images[keep], self.positions[keep], self.case_index[keep], self.slice_index[keep],
-                        self.case_names)  # fmt: skip
+                        self.case_names, regions=regions)  # fmt: skip
 
     def subset(self, cases: List[int]) -> "SliceSet":
         """The slices of the given cases."""
@@ -47,10 +49,18 @@ def load_slices(
     batch: int = 32,
     progress: Optional[Callable[[int, int], None]] = None,
     cancel: Optional[Callable[[], bool]] = None,
+    roi_labels: Optional[Sequence[int]] = None,
+    roi_margin_mm: float = 10.0,
 ) -> SliceSet:
-    """Read every case slab by slab into model-ready slices (raw intensities), skipping masked slices."""
+    """Read every case slab by slab into model-ready slices (raw intensities), skipping masked slices.
+
+    When a case has a segmentation, its `roi_labels` (None: any non-zero) dilated by `roi_margin_mm` are
+    placed on the slices' model squares as `regions` (empty for cases without one), for the organ-aware
+    calibration."""
     pre = SlicePreprocessor(preprocess)
     images, positions, owners, indices, excluded = [], [], [], [], 0
+    with_regions = any(case.segmentation is not None for case in cases)
+    regions = []
     for ci, case in enumerate(cases):
         if cancel is not None and cancel():
             raise CancelledError("loading of the training data was cancelled.")
@@ -60,6 +70,11 @@ def load_slices(
             if case.mask is not None:
                 mask = roi_on_image_grid(case.mask, source.geometry, name=f"mask '{case.mask}'", allow_empty=True)
                 keep = ~source.frame.view(mask).any(axis=(1, 2))
+            organ = None
+            if case.segmentation is not None:
+                name = f"segmentation '{case.segmentation}'"
+                organ = RoiSlabs(roi_on_image_grid(case.segmentation, source.geometry, roi_labels, name=name),
+                                 source.geometry, roi_margin_mm)  # fmt: skip
             pos = relative_positions(slice_positions_mm(source.geometry, source.frame))
             frame = source.frame
             reference = volume_reference(source, preprocess)
@@ -68,8 +83,13 @@ def load_slices(
                 slab = source.read(k0, k1)
                 sel = keep[k0:k1]
                 if sel.any():
-                    x, _ = pre.to_model(slab[sel], frame.row_spacing, frame.column_spacing, reference)
+                    x, placement = pre.to_model(slab[sel], frame.row_spacing, frame.column_spacing, reference)
                     images.append(x.half())
+                    if with_regions:
+                        region = torch.zeros(x.shape, dtype=torch.bool)
+                        if organ is not None:
+                            region = pre.mask_to_model(organ.slab(k0, k1)[torch.from_numpy(sel)], placement)
+                        regions.append(region)
                     positions.append(torch.as_tensor(pos[k0:k1][sel], dtype=torch.float32))
                     owners.append(torch.full((int(sel.sum()),), ci, dtype=torch.long))
                     indices.append(torch.arange(k0, k1)[torch.from_numpy(sel)])
@@ -82,7 +102,7 @@ def load_slices(
     if not images:
         raise InputError("no usable slices: every slice of every training volume is masked out.")
     return SliceSet(torch.cat(images), torch.cat(positions), torch.cat(owners), torch.cat(indices),
-                    [c.name for c in cases], excluded)  # fmt: skip
+                    [c.name for c in cases], excluded, torch.cat(regions) if with_regions else None)  # fmt: skip
 
 
 def split_cases(num_cases: int, validation_fraction: float, seed: int):

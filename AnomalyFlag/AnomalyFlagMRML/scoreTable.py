@@ -23,6 +23,7 @@ from .constants import (
 
 INT_COLUMNS = ("index", "score_from")
 BOOL_COLUMNS = ("flagged", "in_roi")
+STRING_COLUMNS = ("score_kind",)
 COLUMN_UNITS = {"z_mm": "mm"}
 
 
@@ -31,6 +32,8 @@ def _newArray(column: str):
         array = vtk.vtkIntArray()
     elif column in BOOL_COLUMNS:
         array = vtk.vtkBitArray()
+    elif column in STRING_COLUMNS:
+        array = vtk.vtkStringArray()
     else:
         array = vtk.vtkDoubleArray()
     array.SetName(column)
@@ -55,6 +58,8 @@ def createScoreTable(result, tableNode=None, scene=None):
                 array.SetValue(row, int(bool(value)))
             elif column in INT_COLUMNS:
                 array.SetValue(row, int(value))
+            elif column in STRING_COLUMNS:
+                array.SetValue(row, str(value))
             else:
                 array.SetValue(row, float(value))
         table.AddColumn(array)
@@ -130,6 +135,12 @@ def _seriesByRole(chartNode):
     return found
 
 
+def _isOrganAware(tableNode) -> bool:
+    """Whether the table's slices inside the segmentation carry the organ-aware score (column score_kind)."""
+    array = tableNode.GetTable().GetColumnByName("score_kind") if tableNode.GetTable() is not None else None
+    return array is not None and any(array.GetValue(i) == "organ" for i in range(array.GetNumberOfTuples()))
+
+
 def createScoreChart(tableNode, threshold, chartNode=None, scene=None):
     """Plot chart of normalised score vs slice index, the threshold as a horizontal line and the flagged
     slices as markers. A companion table node (referenced by the chart) holds the threshold/flag columns."""
@@ -148,9 +159,12 @@ def createScoreChart(tableNode, threshold, chartNode=None, scene=None):
     _chartData(tableNode, threshold, dataNode)
     chartNode.SetNodeReferenceID(SCORE_TABLE_REFERENCE, tableNode.GetID())
     existing = _seriesByRole(chartNode)
+    organ = _isOrganAware(tableNode)
+    scoreTitle = "normalised score (organ-aware inside the segmentation)" if organ else "normalised score"
+    thresholdTitle = f"{'organ-aware ' if organ else ''}threshold {threshold:.3g}"
     specs = (
-        ("score", "normalised score", tableNode, "normalised", (0.1, 0.35, 0.8), True, False),
-        ("threshold", f"threshold {threshold:.3g}", dataNode, "threshold", (0.85, 0.1, 0.1), True, False),
+        ("score", scoreTitle, tableNode, "normalised", (0.1, 0.35, 0.8), True, False),
+        ("threshold", thresholdTitle, dataNode, "threshold", (0.85, 0.1, 0.1), True, False),
         ("flagged", "flagged slices", dataNode, "flagged_score", (1.0, 0.5, 0.0), False, True),
     )
     for role, title, source, yColumn, color, line, markers in specs:

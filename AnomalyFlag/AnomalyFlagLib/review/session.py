@@ -204,8 +204,10 @@ def build_queue(table: List[dict], order: str) -> List[dict]:
 def _resolve_order(order: str, summary: dict) -> str:
     if order not in ORDERS:
         raise InputError(f"review order must be one of {', '.join(ORDERS)}, not '{order}'.")
-    if order == "auto":
-        return "roi" if summary.get("roi") else "normalised"
+    if order == "auto":  # the organ-aware score already looks inside the segmentation
+        roi = summary.get("roi")
+        organ_aware = isinstance(roi, dict) and roi.get("score_kind") == "organ"
+        return "roi" if roi and not organ_aware else "normalised"
     if order == "roi" and not summary.get("roi"):
         raise InputError(
             f"case '{summary.get('case')}' was scored without a segmentation, so it cannot be ordered by the "

@@ -1,13 +1,18 @@
 """Segmentation failures: per-slice Dice and surface distance, the failure rule, how a slice score predicts
-failures (AUROC, risk-coverage, Dice recovered)."""
+failures (AUROC, risk-coverage, Dice recovered) and `anomalyflag evaluate` with _seg/_reference files."""
 
+import csv
+import json
 import math
 
 import numpy as np
 import pytest
 import SimpleITK as sitk
+from AnomalyFlagLib.cli import main
 from AnomalyFlagLib.errors import InputError
+from AnomalyFlagLib.evaluation.cases import evaluate_folder
 from AnomalyFlagLib.evaluation.segmentation_failure import (
+    SLICES_CSV_COLUMNS,
     FailureRule,
     failed_slices,
     failure_metrics,
@@ -17,6 +22,8 @@ from AnomalyFlagLib.evaluation.segmentation_failure import (
 )
 from AnomalyFlagLib.geometry import Geometry
 from AnomalyFlagLib.orientation import AxialFrame
+from AnomalyFlagLib.phantom import ORGAN_LABELS, make_phantom
+from conftest import TINY_SIZE, TINY_SLICES
 
 IDENTITY = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0)
 
@@ -227,3 +234,126 @@ def test_failure_png_is_written_and_not_blank(tmp_path):
     assert path.stat().st_size > 20_000 and not list(tmp_path.glob("*.tmp*"))
     with pytest.raises(InputError, match="risk_coverage"):
         write_failure_png(tmp_path / "g.png", per_case, {})
+
+
+# ------------------------------------------------------------------------------------------ anomalyflag evaluate
+
+
+def test_evaluate_names_cases_without_any_ground_truth(tmp_path):
+    phantom = make_phantom(4, 32, seed=0)
+    phantom.save(tmp_path, "a")
+    (tmp_path / "a_anomaly.nrrd").unlink()
+    sitk.WriteImage(phantom.to_sitk(phantom.organs), str(tmp_path / "a_seg.nrrd"))
+    phantom.save(tmp_path, "b")
+    (tmp_path / "b_anomaly.nrrd").unlink()
+    with pytest.raises(InputError, match=r"neither for a \(has a_seg.nrrd but no <case>_reference\), b\."):
+        evaluate_folder(tmp_path / "no-model", tmp_path, tmp_path / "out")
+
+
+@pytest.mark.parametrize("option", [["--failure-dice", "1.5"], ["--failure-dice", "x"], ["--failure-min-voxels", "-1"],
+                                    ["--failure-labels", "0"]])  # fmt: skip
+def test_evaluate_refuses_bad_failure_options(option, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["evaluate", "--model", "m", "--input", str(tmp_path), "--output", str(tmp_path / "o"), *option])
+    assert exc.value.code == 2 and option[0] in capsys.readouterr().err
+
+
+def test_evaluate_help_names_the_failure_options(capsys):
+    with pytest.raises(SystemExit):
+        main(["evaluate", "--help"])
+    text = capsys.readouterr().out
+    for option in ("--failure-dice", "--failure-min-voxels", "--no-missing-contour-failures", "--failure-labels"):
+        assert option in text
+
+
+def _write_failure_cases(folder):
+    """Two phantom cases: a_* with an anomaly mask, b_* without; both with the liver as reference and an
+    automatic contour that misses it on some slices, shrinks it on one and adds a blob on another."""
+    perturbed = {}
+    for name, seed in (("a", 11), ("b", 12)):
+        phantom = make_phantom(TINY_SLICES, TINY_SIZE, seed=seed, anomalies=["hyperdense_lesion"])
+        phantom.save(folder, name)
+        (folder / f"{name}_organs.nrrd").unlink()
+        liver = (phantom.organs == ORGAN_LABELS["liver"]).astype(np.uint8)
+        sitk.WriteImage(phantom.to_sitk(liver), str(folder / f"{name}_reference.nrrd"))
+        auto = liver.copy()
+        present = np.flatnonzero(liver.any(axis=(1, 2)))
+        erased, shrunk = present[len(present) // 2 : len(present) // 2 + 3], present[1]
+        auto[erased] = 0
+        rows = np.flatnonzero(auto[shrunk].any(axis=1))
+        auto[shrunk, rows[: len(rows) // 2]] = 0
+        blob = int(np.flatnonzero(~liver.any(axis=(1, 2)))[0])
+        auto[blob, 30:36, 30:36] = 1
+        perturbed[name] = {"erased": erased.tolist(), "shrunk": int(shrunk), "blob": blob, "auto": auto, "ref": liver}
+        if name == "a":  # as Slicer saves it: a .seg.nrrd cropped to the segment's extent
+            image = phantom.to_sitk(auto)
+            k, j, i = (np.flatnonzero(auto.any(axis=axes)) for axes in ((1, 2), (0, 2), (0, 1)))
+            cropped = image[int(i[0]) : int(i[-1]) + 1, int(j[0]) : int(j[-1]) + 1, int(k[0]) : int(k[-1]) + 1]
+            sitk.WriteImage(cropped, str(folder / "a.seg.nrrd"))
+        else:
+            (folder / "b_anomaly.nrrd").unlink()
+            sitk.WriteImage(phantom.to_sitk(auto), str(folder / "b_seg.nrrd"))
+    return perturbed
+
+
+@pytest.mark.slow
+def test_evaluate_reports_segmentation_failures(flagging_model, tmp_path, capsys):
+    folder = tmp_path / "cases"
+    perturbed = _write_failure_cases(folder)
+    out = tmp_path / "eval"
+    assert main(["evaluate", "--model", str(flagging_model), "--input", str(folder), "--output", str(out),
+                 "--device", "cpu"]) == 0  # fmt: skip
+    printed = capsys.readouterr().out
+    assert "slice AUROC" in printed and "segmentation failures:" in printed
+    report = json.loads((out / "evaluation.json").read_text())
+    assert report["slice"]["n_slices"] == 24  # anomaly metrics over case a only, the one with a mask
+    assert [c["anomalous_slices"] is None for c in report["cases"]] == [False, True]
+    failure = report["segmentation_failure"]
+    assert failure["rule"] == {"dice_threshold": 0.8, "min_reference_voxels": 50, "count_missing": True}
+    assert failure["n_cases"] == 2 and failure["n_slices"] == 48
+    assert failure["n_flagged"] > 0 and failure["n_failures"] > 0  # the flagging model flags 40% of normal slices
+    assert (out / "segmentation_failure.png").stat().st_size > 20_000
+    assert (out / "evaluation.png").is_file()
+
+    with open(out / "segmentation_failure_slices.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert tuple(rows[0]) == SLICES_CSV_COLUMNS and len(rows) == 48
+    for case in failure["cases"]:
+        name, truth = case["name"], perturbed[case["name"]]
+        table = slice_dice(truth["auto"], truth["ref"], AxialFrame.from_geometry(_geometry(truth["ref"].shape)))
+        mine = [r for r in rows if r["case"] == name]
+        assert [float(r["dice"]) for r in mine] == pytest.approx(table["dice"].tolist())
+        assert [int(r["reference_voxels"]) for r in mine] == table["reference_voxels"].tolist()
+        failed = failed_slices(table)
+        assert case["failed_slices"] == np.flatnonzero(failed).tolist()
+        assert set(truth["erased"]) | {truth["blob"]} <= set(case["failed_slices"])
+        with open(out / "cases" / f"{name}_slices.csv") as f:
+            scored = list(csv.DictReader(f))
+        assert [float(r["score"]) for r in mine] == pytest.approx([float(r["normalised"]) for r in scored], rel=1e-5)
+        assert case["flagged_slices"] == [int(r["index"]) for r in scored if r["flagged"] == "1"]
+        assert case["mean_dice_before"] == pytest.approx(float(np.mean(table["dice"])))
+        assert case["slices"] == 24 and case["failures"] == int(failed.sum())
+    assert report["cases"][0]["roi"] is not None  # scored with the automatic segmentation as its ROI
+
+    pooled = failure_metrics([float(r["score"]) for r in rows], [r["failed"] == "1" for r in rows],
+                             [float(r["dice"]) for r in rows], [r["flagged"] == "1" for r in rows])  # fmt: skip
+    for key in ("n_failures", "n_flagged", "failures_flagged", "flagged_per_failure_found", "dice_recovered_share"):
+        assert failure[key] == pytest.approx(pooled[key]), key
+    for key in ("failure_auroc", "failure_auprc", "aurc", "aurc_random", "mean_dice_before", "mean_dice_after"):
+        assert failure[key] == pytest.approx(pooled[key], abs=1e-6), key
+    assert failure["risk_coverage"]["coverage"][0] == 1.0 and len(failure["risk_coverage"]["risk"]) == 48
+
+    # The rule's options reach the report; without anomaly masks the anomaly metrics are absent.
+    (folder / "a_anomaly.nrrd").unlink()
+    out2 = tmp_path / "eval2"
+    options = ["--failure-dice", "0.95", "--failure-min-voxels", "5", "--no-missing-contour-failures"]
+    assert main(["evaluate", "--model", str(flagging_model), "--input", str(folder), "--output", str(out2),
+                 "--device", "cpu", *options]) == 0  # fmt: skip
+    printed = capsys.readouterr().out
+    assert "slice AUROC" not in printed and "segmentation failures:" in printed
+    report2 = json.loads((out2 / "evaluation.json").read_text())
+    assert report2["slice"] is None and report2["pixel"] is None and not (out2 / "evaluation.png").exists()
+    rule2 = report2["segmentation_failure"]["rule"]
+    assert rule2 == {"dice_threshold": 0.95, "min_reference_voxels": 5, "count_missing": False}
+    blob_b = perturbed["b"]["blob"]
+    assert blob_b not in report2["segmentation_failure"]["cases"][1]["failed_slices"]  # an extra contour only

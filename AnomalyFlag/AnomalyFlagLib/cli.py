@@ -29,6 +29,26 @@ def _label_values(text: str):
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
+def _failure_dice(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{text}' is not a number") from None
+    if not 0.0 < value <= 1.0:  # also refuses NaN
+        raise argparse.ArgumentTypeError(f"a failure Dice threshold must be in (0, 1], got {text}")
+    return value
+
+
+def _min_voxels(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{text}' is not a whole number of voxels") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"a number of voxels cannot be negative, got {text}")
+    return value
+
+
 def _margin_mm(text: str) -> float:
     from .roi import check_margin_mm
 
@@ -127,12 +147,54 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--montage", action="store_true", help="also write <case>_flagged.png of the top flagged slices")
     _add_device(p)
 
-    p = sub.add_parser("evaluate", help="score cases with ground-truth anomaly masks and report metrics")
+    p = sub.add_parser(
+        "evaluate",
+        help="score cases with ground truth (anomaly masks, or automatic + reference contours) and report metrics",
+    )
     p.add_argument("--model", required=True)
-    p.add_argument("--input", required=True, help="folder of volumes with <case>_anomaly (or _label/_mask) masks")
-    p.add_argument("--output", required=True, help="folder for evaluation.json, evaluation.png and case outputs")
+    p.add_argument(
+        "--input",
+        required=True,
+        help="folder of volumes, each with a <case>_anomaly (or _label/_mask) mask and/or the automatic "
+        "segmentation <case>_seg (or <case>.seg.nrrd) and a reference contour <case>_reference",
+    )
+    p.add_argument(
+        "--output",
+        required=True,
+        help="folder for evaluation.json, evaluation.png, segmentation_failure.png and case outputs",
+    )
     p.add_argument("--batch-size", type=int, default=None)
     _add_device(p)
+    g = p.add_argument_group("segmentation failures (cases with <case>_seg and <case>_reference)")
+    g.add_argument(
+        "--failure-dice",
+        type=_failure_dice,
+        default=0.8,
+        metavar="DICE",
+        help="a slice fails when the automatic contour's Dice against the reference is below this, "
+        "where the reference has at least --failure-min-voxels voxels (default 0.8)",
+    )
+    g.add_argument(
+        "--failure-min-voxels",
+        type=_min_voxels,
+        default=50,
+        metavar="N",
+        help="fewest reference voxels on a slice for the Dice rule to judge it (default 50)",
+    )
+    g.add_argument(
+        "--no-missing-contour-failures",
+        dest="missing_contour_failures",
+        action="store_false",
+        help="do not count as failed an automatic contour on a slice where the reference has none, "
+        "or none where the reference has one (counted by default)",
+    )
+    g.add_argument(
+        "--failure-labels",
+        type=_label_values,
+        default=None,
+        metavar="L1,L2",
+        help="label values of the structure in both files (default: any non-zero voxel)",
+    )
 
     p = sub.add_parser("info", help="print a model bundle's metadata after verifying it")
     p.add_argument("--model", required=True)
@@ -260,15 +322,38 @@ def _cmd_score(a):
 
 
 def _cmd_evaluate(a):
-    from .evaluation.cases import evaluate_folder
+    from .evaluation.cases import FAILURE_PNG, REPORT_JSON, REPORT_PNG, evaluate_folder
+    from .evaluation.segmentation_failure import FailureRule
 
-    report = evaluate_folder(a.model, a.input, a.output, device=a.device, batch_size=a.batch_size)
-    s = report["slice"]
-    p = report["pixel"]
-    print(f"slice AUROC {s['auroc']}, AUPRC {s['auprc']}, sensitivity {s['sensitivity']}, "
-          f"specificity {s['specificity']}; pixel AUROC {p['pixel_auroc']}, AUPRC {p['pixel_auprc']}, "
-          f"Dice {p['dice']}")  # fmt: skip
-    print(f"Report: {Path(a.output) / 'evaluation.json'} and evaluation.png")
+    rule = FailureRule(a.failure_dice, a.failure_min_voxels, a.missing_contour_failures)
+    report = evaluate_folder(
+        a.model,
+        a.input,
+        a.output,
+        device=a.device,
+        batch_size=a.batch_size,
+        failure_rule=rule,
+        failure_labels=a.failure_labels,
+    )
+    s, p, f = report["slice"], report["pixel"], report.get("segmentation_failure")
+    pictures = []
+    if s is not None:
+        print(
+            f"slice AUROC {s['auroc']}, AUPRC {s['auprc']}, sensitivity {s['sensitivity']}, "
+            f"specificity {s['specificity']}; pixel AUROC {p['pixel_auroc']}, AUPRC {p['pixel_auprc']}, "
+            f"Dice {p['dice']}"
+        )
+        pictures.append(REPORT_PNG)
+    if f is not None:
+        print(
+            f"segmentation failures: {f['n_failures']} of {f['n_slices']} slices in {f['n_cases']} case(s); "
+            f"failure AUROC {f['failure_auroc']}, AUPRC {f['failure_auprc']}, AURC {f['aurc']:.4f} "
+            f"(random {f['aurc_random']:.4f}); {f['n_flagged']} flagged, {f['failures_flagged']} of them failed "
+            f"({f['flagged_per_failure_found']} flagged per failure found); mean Dice {f['mean_dice_before']:.4f} "
+            f"-> {f['mean_dice_after']:.4f} recontouring the flagged (share recovered {f['dice_recovered_share']})"
+        )
+        pictures.append(FAILURE_PNG)
+    print(f"Report: {Path(a.output) / REPORT_JSON}" + (f" and {', '.join(pictures)}" if pictures else ""))
 
 
 def _cmd_info(a):

@@ -1,2 +1,2 @@
-"""Measuring the detector: slice and pixel metrics, the report JSON and picture, and the evaluation of
-scored cases against their anomaly masks."""
+"""Measuring the detector: slice and pixel metrics, the report JSON and picture, segmentation failures
+(the automatic contour against a reference, per slice), and the evaluation of scored cases."""

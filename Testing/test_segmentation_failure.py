@@ -329,7 +329,8 @@ def test_evaluate_reports_segmentation_failures(flagging_model, tmp_path, capsys
         assert set(truth["erased"]) | {truth["blob"]} <= set(case["failed_slices"])
         with open(out / "cases" / f"{name}_slices.csv") as f:
             scored = list(csv.DictReader(f))
-        assert [float(r["score"]) for r in mine] == pytest.approx([float(r["normalised"]) for r in scored], rel=1e-5)
+        ranked = [float(r["normalised"]) if r["in_roi"] == "1" else -np.inf for r in scored]  # outside: never flagged
+        assert [float(r["score"]) for r in mine] == pytest.approx(ranked, rel=1e-5)
         assert case["flagged_slices"] == [int(r["index"]) for r in scored if r["flagged"] == "1"]
         assert case["mean_dice_before"] == pytest.approx(float(np.mean(table["dice"])))
         assert case["slices"] == 24 and case["failures"] == int(failed.sum())

@@ -32,6 +32,7 @@ from .segmentation_failure import (
     failed_slices,
     failure_metrics,
     failure_slices_csv,
+    flag_ranking,
     slice_dice,
     write_failure_png,
 )
@@ -80,7 +81,7 @@ def _failure_case(case: Case, source, result, rule: FailureRule, labels, automat
         case.reference, source.geometry, labels, name=f"reference contour '{case.reference}'", allow_empty=True
     )
     table = slice_dice(automatic, reference, source.frame)
-    normalised = np.asarray(result.slices["normalised"], dtype=np.float64)
+    normalised = flag_ranking(result.slices)
     flagged = np.asarray(result.slices["flagged"], dtype=bool)
     if len(table["dice"]) != len(normalised):
         raise InputError(

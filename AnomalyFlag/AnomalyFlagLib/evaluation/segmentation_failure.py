@@ -248,6 +248,13 @@ def risk_coverage(scores: Any, loss: Any) -> Dict[str, np.ndarray]:
     return {"coverage": (n - np.arange(n)) / max(n, 1), "risk": _risk_after_removing(expected)}
 
 
+def flag_ranking(slices) -> np.ndarray:
+    """The scorer's per-slice ranking as its flags see it: the normalised score (organ-aware inside the
+    segmentation when the case had one), and -inf for slices outside the ROI, which can never be flagged."""
+    normalised = np.asarray(slices["normalised"], dtype=np.float64)
+    return np.where(np.asarray(slices["in_roi"], dtype=bool), normalised, -np.inf)
+
+
 def failure_metrics(scores: Any, failed: Any, dice: Any, flagged: Any) -> Dict[str, Any]:
     """How well a per-slice score (and its flags) predicts failed slices; any score, arrays only.
 

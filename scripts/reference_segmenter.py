@@ -368,8 +368,9 @@ def load_training_cases(folder, value: int, label: str, log: Log) -> List[dict]:
         keep = np.ones(len(slices), dtype=bool)
         if case.mask is not None:
             keep &= ~read_companion(case.mask, image, "mask").any(axis=(1, 2))
-        out.append({"name": case.name, "image": image, "frame": frame, "hu": np.ascontiguousarray(slices, dtype=np.float32),
-                    "organ": np.ascontiguousarray(organ), "keep": keep})  # fmt: skip
+        hu = np.ascontiguousarray(slices, dtype=np.float32)
+        out.append({"name": case.name, "image": image, "frame": frame, "hu": hu, "organ": np.ascontiguousarray(organ),
+                    "keep": keep})  # fmt: skip
     total = sum(int(c["organ"][c["keep"]].sum()) for c in out)
     if total == 0:
         raise InputError(

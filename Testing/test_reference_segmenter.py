@@ -119,6 +119,27 @@ def test_evaluate_measures_dice_against_the_organ_labels(model, normals, tmp_pat
     report = rs.evaluate(normals, perfect, log=lambda s: None)
     assert report["summary"]["mean_volume_dice"] == 1.0 and report["summary"]["failure_rate_all"] == 0.0
     assert report["summary"]["scored_slices_anomaly"] == 0  # normal phantoms: empty anomaly masks
+    assert report["summary"]["anomaly_in_organ_recall"] is None
+    lesion = tmp_path / "lesion"
+    lesion.mkdir()
+    shutil.copy(normals / "normal_000.nrrd", lesion)
+    shutil.copy(normals / "normal_000_organs.nrrd", lesion)
+    organs = sitk.ReadImage(str(normals / "normal_000_organs.nrrd"))
+    liver = sitk.GetArrayFromImage(organs) == ORGAN_LABELS["liver"]
+    k = int(np.argmax(liver.sum(axis=(1, 2))))
+    anomaly = np.zeros_like(liver)
+    anomaly[k] = liver[k]
+    anomaly[k, :, liver.shape[2] // 2 :] = False
+    seg = liver & ~anomaly
+    for array, name in ((anomaly, "lesion/normal_000_anomaly.nrrd"), (seg, "lesion/normal_000_seg.nrrd")):
+        image = sitk.GetImageFromArray(array.astype(np.uint8))
+        image.CopyInformation(organs)
+        sitk.WriteImage(image, str(tmp_path / name))
+    report = rs.evaluate(lesion, lesion, log=lambda s: None)
+    assert report["summary"]["anomaly_voxels_in_organ"] == int(anomaly.sum()) > 0
+    assert report["summary"]["anomaly_in_organ_recall"] == 0.0
+    assert report["summary"]["scored_slices_anomaly_in_organ"] == 1
+    assert report["cases"]["normal_000"]["slice_dice"][k] == pytest.approx(rs.dice(seg[k], liver[k]), abs=1e-4)
     rs.predict(model, normals, tmp_path / "pred", log=lambda s: None)
     out = tmp_path / "dice.json"
     args = ["--input", str(normals), "--segmentations", str(tmp_path / "pred"), "--output", str(out)]

@@ -22,7 +22,9 @@ index, entropy_in_contour, entropy_band, mean_entropy = the mean softmax entropy
 predicted contour, within BAND_MM of its boundary (either side), and over both; nan where empty.
 
 evaluate: Dice of each <case>_seg.* in --segmentations against the organ in <case>_organs.* of --input,
-per volume and per slice, with the slices that an anomaly (<case>_anomaly.*) touches reported apart.
+per volume and per slice, with the slices that an anomaly (<case>_anomaly.*) touches reported apart, and
+the share of the organ's voxels inside the anomaly that the segmentation includes (a lesion left out of
+the contour barely moves the slice's Dice).
 """
 
 import argparse
@@ -564,6 +566,7 @@ def evaluate(input_folder, segmentations, label: str = "liver", log: Log = print
     value = label_value(label)
     report = {"label": label, "value": value, "fail_below_dice": FAIL_DICE, "cases": {}}
     pooled: Dict[str, List[float]] = {"all": [], "anomaly": [], "anomaly_in_organ": [], "other": []}
+    anomaly_voxels = [0, 0]  # of the organ's voxels inside anomalies: in the segmentation, all
     for case in discover_cases(input_folder, "evaluation input"):
         seg_path = companion_file(case, SEGMENTATION_SUFFIX, Path(segmentations))
         organs_path = companion_file(case, ORGAN_SUFFIX)
@@ -582,6 +585,12 @@ def evaluate(input_folder, segmentations, label: str = "liver", log: Log = print
         in_organ = (anomaly & truth).any(axis=(1, 2))
         groups = {"all": np.ones(len(truth), bool), "anomaly": touched, "anomaly_in_organ": in_organ, "other": ~touched}
         entry = {"volume_dice": round(dice(prediction, truth), 4), "slices": len(truth)}
+        inside = anomaly & truth
+        recalled = int(np.count_nonzero(inside & prediction))
+        entry["anomaly_voxels_in_organ"] = int(np.count_nonzero(inside))
+        entry["anomaly_in_organ_recall"] = round(recalled / inside.sum(), 4) if inside.any() else None
+        anomaly_voxels[0] += recalled
+        anomaly_voxels[1] += entry["anomaly_voxels_in_organ"]
         for key, where in groups.items():
             values = [per_slice[k] for k in np.flatnonzero(where)]
             pooled[key] += values
@@ -595,6 +604,10 @@ def evaluate(input_folder, segmentations, label: str = "liver", log: Log = print
             f"on anomaly slices {entry['slice_dice_anomaly']}")  # fmt: skip
     volumes = [c["volume_dice"] for c in report["cases"].values()]
     report["summary"] = {"cases": len(volumes), "mean_volume_dice": _summary(volumes)}
+    report["summary"]["anomaly_voxels_in_organ"] = anomaly_voxels[1]
+    report["summary"]["anomaly_in_organ_recall"] = (
+        round(anomaly_voxels[0] / anomaly_voxels[1], 4) if anomaly_voxels[1] else None
+    )
     for key, values in pooled.items():
         finite = [v for v in values if math.isfinite(v)]
         report["summary"][f"mean_slice_dice_{key}"] = _summary(values)

@@ -1,0 +1,259 @@
+#!/usr/bin/env python
+"""Segmentation-failure benchmark: do the flags fall where a segmentation model fails?
+
+A reference segmenter (scripts/reference_segmenter.py, a MONAI U-Net trained on the quality benchmark's 24
+normal training phantoms' livers) stands in for the clinic's deployed model. It contours the liver of the
+test phantoms (8 normal, 6 per anomaly type); the phantoms' true livers are the reference contours. A slice
+has failed where the automatic contour's Dice is under 0.8 (reference of 50 voxels or more), or where one
+contour is missing (AnomalyFlagLib.evaluation.segmentation_failure.FailureRule).
+
+Each detector backend (trained on the same normal phantoms, or reused with --model) is recalibrated on 8
+further normal phantoms with the segmenter's own contours (the deployed model's contours on normal scans),
+which gives it the organ-aware calibration (liver contour plus 10 mm) beside the whole-body one. Per backend:
+failure AUROC/AUPRC, AURC and the Dice recovered by recontouring the flagged slices, for the organ-aware
+score (flags at its calibrated threshold) and the whole-body score (flags at its own); beside baselines at
+the organ-aware flag count: random flags, the segmenter's own uncertainty (mean softmax entropy inside and
+around its contour) and the sum of the two ranks (anomaly score and uncertainty). Also the false-flag rate on
+the normal test phantoms. Writes failure.json, failure.png and prints a Markdown table.
+
+    python scripts/failure_benchmark.py                          # train what is missing: ~20 + 30 min per backend
+    python scripts/failure_benchmark.py --model restoration=reports/quality/models/phantom_restoration
+    python scripts/failure_benchmark.py --smoke                  # small data, short budgets (a few minutes)
+"""
+
+import argparse
+import csv
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import SimpleITK as sitk
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "AnomalyFlag"))
+sys.path.insert(0, str(ROOT / "scripts"))
+
+from AnomalyFlagLib.atomic_files import write_json_atomic  # noqa: E402
+from AnomalyFlagLib.detectors import DEFAULT_BACKEND  # noqa: E402
+from AnomalyFlagLib.evaluation.segmentation_failure import (  # noqa: E402
+    FailureRule,
+    failed_slices,
+    failure_metrics,
+    flag_ranking,
+    slice_dice,
+    write_failure_png,
+)
+from AnomalyFlagLib.geometry import Geometry  # noqa: E402
+from AnomalyFlagLib.io.cases import discover_cases  # noqa: E402
+from AnomalyFlagLib.io.volumes import write_image_atomic  # noqa: E402
+from AnomalyFlagLib.phantom import ANOMALY_KINDS, ORGAN_LABELS, make_phantom  # noqa: E402
+from AnomalyFlagLib.scoring import Scorer  # noqa: E402
+from AnomalyFlagLib.training import recalibrate  # noqa: E402
+from quality_benchmark import KIND_LABELS, make_phantom_sets, train_backend  # noqa: E402
+
+SEGMENTER = ROOT / "scripts" / "reference_segmenter.py"
+
+
+def make_calibration_set(folder: Path, like: Path, count: int) -> Path:
+    """`count` further normal phantoms with the test phantoms' geometry (seeded; written once)."""
+    done = folder / "complete.json"
+    if done.is_file():
+        return folder
+    spec = json.loads((like / "complete.json").read_text())
+    rng = np.random.default_rng(4000)
+    for i in range(count):
+        phantom = make_phantom(spec["slices"], spec["size"], tuple(spec["spacing"]), seed=int(rng.integers(2**31)))
+        phantom.save(folder, f"calib_{i:03d}")
+    write_json_atomic(done, {"count": count, **spec}, indent=None)
+    return folder
+
+
+def _segmenter(*args: str) -> None:
+    subprocess.run([sys.executable, str(SEGMENTER), *args], check=True)
+
+
+def contoured_copy(source: Path, dest: Path, model: Path) -> Path:
+    """`dest` holds the cases of `source` (image and anomaly mask linked), their true liver as
+    `<case>_reference.nrrd` and the segmenter's contour and uncertainty (`<case>_seg.nrrd`, `_uncertainty.csv`)."""
+    if (dest / "complete.json").is_file():
+        return dest
+    dest.mkdir(parents=True, exist_ok=True)
+    for case in discover_cases(source):
+        for path in (case.image, case.mask):
+            if path is not None and not (dest / path.name).exists():
+                os.link(path, dest / path.name)
+        organs = sitk.ReadImage(str(source / f"{case.name}_organs.nrrd"))
+        liver = sitk.Cast(organs == ORGAN_LABELS["liver"], sitk.sitkUInt8)
+        write_image_atomic(liver, dest / f"{case.name}_reference.nrrd")
+    _segmenter("predict", "--model", str(model), "--input", str(source), "--output", str(dest))
+    write_json_atomic(dest / "complete.json", {"source": str(source)}, indent=None)
+    return dest
+
+
+def _uncertainty(path: Path, n: int) -> np.ndarray:
+    values = np.zeros(n)
+    with open(path, newline="") as f:
+        for row in csv.DictReader(f):
+            v = float(row["mean_entropy"]) if row["mean_entropy"] not in ("", "nan", "NaN") else float("nan")
+            values[int(row["index"])] = v if np.isfinite(v) else 0.0
+    return values
+
+
+def case_table(scorer: Scorer, case, rule: FailureRule) -> dict:
+    """Per slice of one case: Dice, failure, the organ-aware and whole-body scores and flags, uncertainty."""
+    image = sitk.ReadImage(str(case.image))
+    geometry = Geometry.from_image(image)
+    body = scorer.score(image, name=case.name)
+    organ = scorer.score(image, name=case.name, roi=str(case.segmentation))
+    dice = slice_dice(str(case.segmentation), str(case.reference), geometry)
+    return {
+        "name": case.name,
+        "dice": dice["dice"],
+        "failed": failed_slices(dice, rule),
+        "organ_score": flag_ranking(organ.slices),
+        "organ_flagged": organ.slices["flagged"],
+        "in_roi": organ.slices["in_roi"],
+        "body_score": flag_ranking(body.slices),
+        "body_flagged": body.slices["flagged"],
+        "uncertainty": _uncertainty(case.image.parent / f"{case.name}_uncertainty.csv", len(body.slices)),
+        "organ_aware": bool((organ.slices["score_kind"] == "organ").any()),
+    }
+
+
+def _top(scores: np.ndarray, count: int) -> np.ndarray:
+    flagged = np.zeros(len(scores), dtype=bool)
+    if count:
+        flagged[np.argsort(-scores, kind="stable")[:count]] = True
+    return flagged
+
+
+def _ranks(values: np.ndarray) -> np.ndarray:
+    return np.argsort(np.argsort(values, kind="stable"), kind="stable") / max(1, len(values) - 1)
+
+
+def compare(tables: list, seed: int = 0) -> dict:
+    """Failure metrics of every method over the pooled slices of `tables`."""
+    pooled = {key: np.concatenate([t[key] for t in tables]) for key in tables[0] if key not in ("name", "organ_aware")}
+    dice, failed = pooled["dice"], pooled["failed"]
+    count = int(pooled["organ_flagged"].sum())
+    rng = np.random.default_rng(seed)
+    random_runs = [failure_metrics(s, failed, dice, _top(s, count)) for s in rng.random((20, len(dice)))]
+    combined = _ranks(pooled["organ_score"]) + _ranks(pooled["uncertainty"])
+    methods = {
+        "organ-aware": failure_metrics(pooled["organ_score"], failed, dice, pooled["organ_flagged"]),
+        "whole-body": failure_metrics(pooled["body_score"], failed, dice, pooled["body_flagged"]),
+        "uncertainty": failure_metrics(pooled["uncertainty"], failed, dice, _top(pooled["uncertainty"], count)),
+        "organ-aware + uncertainty": failure_metrics(combined, failed, dice, _top(combined, count)),
+    }
+    keys = ("failure_auroc", "failure_auprc", "aurc", "mean_dice_after", "dice_recovered_share",
+            "flagged_per_failure_found", "failures_flagged")  # fmt: skip
+    methods["random flags"] = {
+        k: (
+            float(np.mean([r[k] for r in random_runs if r[k] is not None]))
+            if any(r[k] is not None for r in random_runs)
+            else None
+        )
+        for k in keys  # fmt: skip
+    }
+    same = ("n_slices", "n_failures", "n_flagged", "mean_dice_before", "aurc_random", "aurc_optimal")
+    methods["random flags"].update({k: random_runs[0][k] for k in same})
+    return methods
+
+
+def false_flag_rates(tables: list) -> dict:
+    """Share flagged of the normal test phantoms' slices: organ-aware among the slices of the contour and
+    its margin, whole-body among all."""
+    in_roi = np.concatenate([t["in_roi"] for t in tables])
+    organ = np.concatenate([t["organ_flagged"] for t in tables])
+    body = np.concatenate([t["body_flagged"] for t in tables])
+    return {"organ_aware": float(organ[in_roi].mean()) if in_roi.any() else None, "organ_slices": int(in_roi.sum()),
+            "whole_body": float(body.mean()), "slices": int(len(body))}  # fmt: skip
+
+
+def markdown(results: dict) -> str:
+    def f(v):
+        return "-" if v is None else f"{v:.3f}" if isinstance(v, float) else str(v)
+
+    lines = ["| backend | method | failure AUROC | AUPRC | AURC (random, optimal) | Dice before -> after | "
+             "Dice recovered | flagged / failure found | false-flag rate (normal) |",
+             "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    for backend, res in results["backends"].items():
+        normal = res["false_flag_rate_normal"]
+        for method, m in res["methods"].items():
+            ffr = {"organ-aware": normal["organ_aware"], "whole-body": normal["whole_body"]}.get(method)
+            lines.append(
+                f"| {backend} | {method} | {f(m['failure_auroc'])} | {f(m['failure_auprc'])} | {f(m['aurc'])} "
+                f"({f(m['aurc_random'])}, {f(m['aurc_optimal'])}) | {f(m['mean_dice_before'])} -> "
+                f"{f(m['mean_dice_after'])} | {f(m['dice_recovered_share'])} | {f(m['flagged_per_failure_found'])} "
+                f"| {f(ffr)} |"
+            )
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--backends", default=DEFAULT_BACKEND, help="comma-separated detector backends")
+    parser.add_argument("--model", action="append", default=[], metavar="BACKEND=PATH",
+                        help="use this trained bundle for BACKEND instead of training one")  # fmt: skip
+    parser.add_argument("--minutes", type=float, default=30.0, help="training budget of a backend trained here")
+    parser.add_argument("--segmenter-minutes", type=float, default=20.0, help="the reference segmenter's budget")
+    parser.add_argument("--smoke", action="store_true", help="small data and short budgets (a quick check)")
+    parser.add_argument("--data", default=str(ROOT / "data" / "quality"))
+    parser.add_argument("--output", default=str(ROOT / "reports" / "failure"))
+    parser.add_argument("--device", default="cpu")
+    args = parser.parse_args(argv)
+    started = time.monotonic()
+    minutes = 1.0 if args.smoke and args.minutes == 30.0 else args.minutes
+    seg_minutes = 1.0 if args.smoke and args.segmenter_minutes == 20.0 else args.segmenter_minutes
+    data, out = Path(args.data) / ("smoke" if args.smoke else "full"), Path(args.output)
+    out.mkdir(parents=True, exist_ok=True)
+    given = dict(item.split("=", 1) for item in args.model)
+    sets = make_phantom_sets(data / "phantoms", args.smoke)
+    calibration = make_calibration_set(data / "failure_calibration", data / "phantoms", 3 if args.smoke else 8)
+
+    segmenter = out / "segmenter"
+    if not (segmenter / "model.json").is_file():
+        _segmenter("train", "--input", str(sets["train"]), "--output", str(segmenter), "--minutes", str(seg_minutes))
+    cases = out / "cases"
+    test_sets = {"normal": sets["test_normal"], **{KIND_LABELS[k]: sets[k] for k in ANOMALY_KINDS}}
+    calib = contoured_copy(calibration, cases / "calibration", segmenter)
+    contoured = {name: contoured_copy(folder, cases / name, segmenter) for name, folder in test_sets.items()}
+
+    rule = FailureRule()
+    results = {"rule": rule.to_dict(), "segmenter": json.loads((segmenter / "model.json").read_text()),
+               "backends": {}}  # fmt: skip
+    for backend in args.backends.split(","):
+        trained = Path(given[backend]) if backend in given else out / "models" / f"phantom_{backend}"
+        record = {"model": str(trained)}
+        if backend not in given and not (trained / "metadata.json").is_file():
+            record["training"] = train_backend(backend, sets["train"], trained, minutes, {}, args.device)
+        model = recalibrate(trained, calib, out / "models" / f"{backend}_organ", device=args.device)
+        scorer = Scorer(model, device=args.device)
+        tables = {
+            name: [case_table(scorer, c, rule) for c in discover_cases(folder)] for name, folder in contoured.items()
+        }
+        every = [t for group in tables.values() for t in group]
+        record["organ_calibration"] = scorer.bundle.organ_calibration.to_dict()
+        record["methods"] = compare(every)
+        record["per_set"] = {name: compare(group) for name, group in tables.items()}
+        record["false_flag_rate_normal"] = false_flag_rates(tables["normal"])
+        record["segmenter_mean_dice"] = {name: float(np.mean(np.concatenate([t["dice"] for t in group])))
+                                         for name, group in tables.items()}  # fmt: skip
+        results["backends"][backend] = record
+        per_case = [{"name": t["name"], "dice": t["dice"], "failed": t["failed"], "flagged": t["organ_flagged"]}
+                    for t in every if t["failed"].any()]  # fmt: skip
+        write_failure_png(out / f"failure_{backend}.png", per_case, record["methods"]["organ-aware"],
+                          title=f"{backend}: organ-aware flags against the reference segmenter's failures")  # fmt: skip
+        write_json_atomic(out / "failure.json", {**results, "seconds": round(time.monotonic() - started)}, indent=1)
+        print(markdown({"backends": {backend: record}}), flush=True)
+    print(markdown(results))
+    print(f"Report: {out / 'failure.json'} and failure_<backend>.png")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

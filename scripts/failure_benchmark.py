@@ -244,8 +244,11 @@ def main(argv=None) -> int:
         record["segmenter_mean_dice"] = {name: float(np.mean(np.concatenate([t["dice"] for t in group])))
                                          for name, group in tables.items()}  # fmt: skip
         results["backends"][backend] = record
+        shown = sorted(
+            (t for t in every if t["failed"].any()), key=lambda t: -int((t["failed"] & t["organ_flagged"]).sum())
+        )
         per_case = [{"name": t["name"], "dice": t["dice"], "failed": t["failed"], "flagged": t["organ_flagged"]}
-                    for t in every if t["failed"].any()]  # fmt: skip
+                    for t in shown]  # fmt: skip
         write_failure_png(out / f"failure_{backend}.png", per_case, record["methods"]["organ-aware"],
                           title=f"{backend}: organ-aware flags against the reference segmenter's failures")  # fmt: skip
         write_json_atomic(out / "failure.json", {**results, "seconds": round(time.monotonic() - started)}, indent=1)

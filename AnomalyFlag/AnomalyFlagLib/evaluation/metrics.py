@@ -425,19 +425,11 @@ def write_report_png(
     shown = checked[: max(0, int(max_cases))]
     path = Path(path)
 
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
     from matplotlib.lines import Line2D
     from matplotlib.patches import Patch
 
-    n_rows = max(1, len(shown))
-    height = max(4.8, 1.0 + 2.3 * n_rows)
-    fig = Figure(figsize=(14.0, height), dpi=dpi)
-    FigureCanvasAgg(fig)
-    grid = fig.add_gridspec(n_rows, 2, width_ratios=(1.0, 1.75), wspace=0.22, hspace=0.55)
-
+    fig, grid, ax, height = new_report_figure(len(shown), 2.3, 0.55, dpi)
     # --- left: ROC ---
-    ax = fig.add_subplot(grid[:, 0]) if n_rows > 1 else fig.add_subplot(grid[0, 0])
     metrics = slice_metrics(slice_scores, slice_labels, threshold) if slice_scores.size else None
     ax.plot([0, 1], [0, 1], linestyle="--", color="0.6", linewidth=1, label="Chance (AUROC 0.50)")
     if metrics is not None and metrics["auroc"] is not None:
@@ -531,28 +523,42 @@ def write_report_png(
         )
     if title is None:
         title = "AnomalyFlag evaluation: slices flagged by the anomaly detector vs ground truth"
+    handles = [
+        Line2D([], [], color="tab:blue", label="Slice score"),
+        Line2D([], [], color="tab:red", linestyle="--", label=f"Threshold ({threshold:.2f})"),
+        Line2D([], [], color="tab:red", marker="v", linestyle="none", label="Flagged slice (score > threshold)"),
+        Patch(color="tab:orange", alpha=0.25, label="True anomaly (ground truth)"),
+    ]
+    return finish_report_figure(fig, path, title, height, handles if shown else [], dpi, "report PNG")
+
+
+def new_report_figure(rows: int, row_height: float, hspace: float, dpi: int):
+    """A report figure on an Agg canvas of its own (no pyplot): a summary panel on the left, `rows` per-slice
+    panels on the right. Returns (figure, grid, the left axes, height in inches)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    n_rows = max(1, rows)
+    height = max(4.8, 1.0 + row_height * n_rows)
+    fig = Figure(figsize=(14.0, height), dpi=dpi)
+    FigureCanvasAgg(fig)
+    grid = fig.add_gridspec(n_rows, 2, width_ratios=(1.0, 1.75), wspace=0.22, hspace=hspace)
+    return fig, grid, fig.add_subplot(grid[:, 0]) if n_rows > 1 else fig.add_subplot(grid[0, 0]), height
+
+
+def finish_report_figure(fig, path: PathLike, title: str, height: float, legend: list, dpi: int, what: str) -> Path:
+    """Title, margins and the legend of the per-slice panels (none when empty) of a report figure, then
+    write it atomically; an OSError becomes an InputError naming `what` and the path."""
     fig.suptitle(title, fontsize=13, y=1.0 - 0.12 / height, va="top")
     fig.subplots_adjust(left=0.06, right=0.98, top=1.0 - 1.25 / height, bottom=0.55 / height + 0.02)
-    if shown:
-        handles = [
-            Line2D([], [], color="tab:blue", label="Slice score"),
-            Line2D([], [], color="tab:red", linestyle="--", label=f"Threshold ({threshold:.2f})"),
-            Line2D([], [], color="tab:red", marker="v", linestyle="none", label="Flagged slice (score > threshold)"),
-            Patch(color="tab:orange", alpha=0.25, label="True anomaly (ground truth)"),
-        ]
-        fig.legend(
-            handles=handles,
-            loc="upper right",
-            bbox_to_anchor=(0.98, 1.0 - 0.5 / height),
-            ncol=4,
-            fontsize=8.5,
-            frameon=False,
-        )
+    if legend:
+        fig.legend(handles=legend, loc="upper right", bbox_to_anchor=(0.98, 1.0 - 0.5 / height), ncol=len(legend),
+                   fontsize=8.5, frameon=False)  # fmt: skip
     try:
         with atomic_path(path) as tmp:
             fig.savefig(tmp, dpi=dpi, format="png")
     except OSError as exc:
-        raise InputError(f"cannot write report PNG '{path}': {exc}") from exc
+        raise InputError(f"cannot write {what} '{path}': {exc}") from exc
     return path
 
 

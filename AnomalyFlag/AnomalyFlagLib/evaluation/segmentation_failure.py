@@ -29,11 +29,18 @@ from typing import Any, Dict, List, Optional, Sequence, Union
 import numpy as np
 import SimpleITK as sitk
 
-from ..atomic_files import atomic_path
 from ..errors import InputError
 from ..geometry import Geometry
 from ..orientation import AxialFrame
-from .metrics import _as_bool, _as_scores, _check_same_length, _monai_binary_metric, _runs
+from .metrics import (
+    _as_bool,
+    _as_scores,
+    _check_same_length,
+    _monai_binary_metric,
+    _runs,
+    finish_report_figure,
+    new_report_figure,
+)
 
 __all__ = [
     "FailureRule",
@@ -378,19 +385,11 @@ def write_failure_png(
     _check_same_length(coverage, "coverage", risk, "risk")
     path = Path(path)
 
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
     from matplotlib.lines import Line2D
     from matplotlib.patches import Patch
 
-    n_rows = max(1, len(shown))
-    height = max(4.8, 1.0 + 2.1 * n_rows)
-    fig = Figure(figsize=(14.0, height), dpi=dpi)
-    FigureCanvasAgg(fig)
-    grid = fig.add_gridspec(n_rows, 2, width_ratios=(1.0, 1.75), wspace=0.22, hspace=0.6)
-
+    fig, grid, ax, height = new_report_figure(len(shown), 2.1, 0.6, dpi)
     # --- left: risk-coverage ---
-    ax = fig.add_subplot(grid[:, 0]) if n_rows > 1 else fig.add_subplot(grid[0, 0])
     mean_risk = float(risk[0]) if risk.size else 0.0
     ax.axhline(
         mean_risk,
@@ -462,33 +461,13 @@ def write_failure_png(
             fontsize=8.5,
             color="0.3",
         )
-    fig.suptitle(
-        title or "AnomalyFlag: flags against failures of the automatic segmentation",
-        fontsize=13,
-        y=1.0 - 0.12 / height,
-        va="top",
-    )
-    fig.subplots_adjust(left=0.06, right=0.98, top=1.0 - 1.25 / height, bottom=0.55 / height + 0.02)
-    if shown:
-        handles: List[Any] = [
-            Line2D([], [], color="tab:green", label="Dice, automatic vs reference"),
-            Line2D([], [], color="tab:red", marker="v", linestyle="none", label="Flagged slice"),
-            Patch(color="tab:orange", alpha=0.25, label="Failed slice"),
-        ]
-        fig.legend(
-            handles=handles,
-            loc="upper right",
-            bbox_to_anchor=(0.98, 1.0 - 0.5 / height),
-            ncol=3,
-            fontsize=8.5,
-            frameon=False,
-        )
-    try:
-        with atomic_path(path) as tmp:
-            fig.savefig(tmp, dpi=dpi, format="png")
-    except OSError as exc:
-        raise InputError(f"cannot write failure PNG '{path}': {exc}") from exc
-    return path
+    handles: List[Any] = [
+        Line2D([], [], color="tab:green", label="Dice, automatic vs reference"),
+        Line2D([], [], color="tab:red", marker="v", linestyle="none", label="Flagged slice"),
+        Patch(color="tab:orange", alpha=0.25, label="Failed slice"),
+    ]
+    title = title or "AnomalyFlag: flags against failures of the automatic segmentation"
+    return finish_report_figure(fig, path, title, height, handles if shown else [], dpi, "failure PNG")
 
 
 SLICES_CSV_COLUMNS = ("case", "index", "score", "flagged", "failed") + SLICE_COLUMNS

@@ -60,6 +60,23 @@ def _margin_mm(text: str) -> float:
         ) from None
 
 
+def _add_archive_options(p) -> None:
+    p.add_argument("--shard", type=_shard, metavar="I/N",
+                   help="score only shard I of N (0 <= I < N: every N-th case by name from the I-th), for a "
+                   "scheduler's job array; `worklist --scores OUTPUT` then ranks all shards together")  # fmt: skip
+    p.add_argument("--resume", action="store_true",
+                   help="skip cases whose outputs are complete (same model and image, checksums match)")  # fmt: skip
+
+
+def _shard(text: str):
+    from .io.cases import parse_shard
+
+    try:
+        return parse_shard(text)
+    except AnomalyFlagError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def _add_roi_region(p, what: str) -> None:
     p.add_argument(
         "--roi-labels", type=_label_values, help=f"comma-separated label values of the {what} (default: any non-zero)"
@@ -145,6 +162,7 @@ def _parser() -> argparse.ArgumentParser:
     _add_roi_region(p, "ROI")
     p.add_argument("--batch-size", type=int, default=None, help="slices per batch (default: by device)")
     p.add_argument("--montage", action="store_true", help="also write <case>_flagged.png of the top flagged slices")
+    _add_archive_options(p)
     _add_device(p)
 
     p = sub.add_parser(
@@ -269,6 +287,7 @@ def _score_options(a):
         roi_labels=getattr(a, "roi_labels", None),
         roi_margin_mm=getattr(a, "roi_margin_mm", 10.0),
         montage=getattr(a, "montage", False),
+        resume=getattr(a, "resume", False),
     )
 
 
@@ -295,6 +314,9 @@ def _score_cases(a, cases, out_dir, progress_label="score"):
                 print(f"{case.name}: FAILED: {outcome.error}", file=sys.stderr)
                 continue
             results.append((case, result))
+            if outcome.skipped:
+                print(f"{case.name}: outputs complete, not scored again ({outcome.summary['num_flagged']} flagged)")
+                continue
             flagged = result.flagged_indices
             print(f"{case.name}: {len(flagged)} of {len(result.slices)} slices flagged"
                   f"{': ' + ', '.join(map(str, flagged)) if flagged else ''}"
@@ -310,11 +332,19 @@ def _score_cases(a, cases, out_dir, progress_label="score"):
     return results, failures
 
 
-def _cmd_score(a):
-    from .io.cases import discover_cases
+def _cases_to_score(a):
+    from .io.cases import discover_cases, shard_cases
 
+    cases = discover_cases(a.input, "input")
+    if getattr(a, "shard", None):
+        cases = shard_cases(cases, *a.shard)
+        print(f"Shard {a.shard[0]} of {a.shard[1]}: {len(cases)} case(s)")
+    return cases
+
+
+def _cmd_score(a):
     out_dir = Path(a.output)
-    results, failures = _score_cases(a, discover_cases(a.input, "input"), out_dir)
+    results, failures = _score_cases(a, _cases_to_score(a), out_dir)
     if results:
         print(f"Outputs in {out_dir}")
     if failures:
@@ -373,6 +403,7 @@ def _add_active_learning_parsers(sub):
     p.add_argument("--images", help="folder of the source images, for the case_path column with --scores")
     p.add_argument("--output", required=True, help="folder for the case outputs and worklist.csv")
     p.add_argument("--batch-size", type=int, default=None, help="slices per batch (default: by device)")
+    _add_archive_options(p)
     _add_device(p)
 
     p = sub.add_parser("export-training", help="MONAI-style datalist of the recontoured cases (newest edited label)")
@@ -395,9 +426,7 @@ def _cmd_worklist(a):
     else:
         if not (a.model and a.input):
             raise InputError("worklist needs --model and --input to score scans, or --scores to rank scored outputs.")
-        from .io.cases import discover_cases
-
-        results, failures = _score_cases(a, discover_cases(a.input, "input"), out_dir, progress_label="worklist")
+        results, failures = _score_cases(a, _cases_to_score(a), out_dir, progress_label="worklist")
         if not results:
             raise AnomalyFlagError(f"none of the {len(failures)} case(s) could be scored.")
         paths = {case.name: str(Path(case.image).resolve()) for case, _ in results}

@@ -120,3 +120,22 @@ def _datalist_cases(path: Path) -> List[Case]:
         cases.append(Case(case_name(image), image, (path.parent / mask).resolve() if mask else None, **extra))
     refuse_duplicate_case_names([c.image for c in cases], f"datalist '{path}'")
     return cases
+
+
+def parse_shard(text: str):
+    """'I/N' (0 <= I < N) -> (I, N); an InputError says what is wrong."""
+    index, _, count = str(text).partition("/")
+    try:
+        i, n = int(index), int(count)
+    except ValueError:
+        i = n = -1
+    if not (n >= 1 and 0 <= i < n):
+        raise InputError(f"shard '{text}' must be I/N with 0 <= I < N, e.g. 0/4 for the first of four.")
+    return i, n
+
+
+def shard_cases(cases: List[Case], index: int, count: int) -> List[Case]:
+    """The cases of shard `index` of `count`: every count-th case by name, starting at `index`, so that
+    the shards of one folder never overlap and together hold every case."""
+    ordered = sorted(cases, key=lambda c: c.name)
+    return ordered[index::count]

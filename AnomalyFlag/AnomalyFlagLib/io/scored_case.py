@@ -162,6 +162,24 @@ def reviewed_cases(folder) -> List[str]:
     return _cases_with(folder, SIDECAR_SUFFIX)
 
 
+def complete_outputs(folder, case: str, model_fingerprint: str, image) -> Optional[dict]:
+    """The summary of case `case` in `folder` when its outputs are complete: written by the model with
+    this fingerprint for this image, every file the summary lists present with its recorded SHA-256."""
+    files = CaseFiles(folder, case)
+    try:
+        summary = json.loads(files.summary.read_text(encoding="utf-8"))
+        listed = dict(summary["sha256"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    if summary.get("model_fingerprint") != model_fingerprint or summary.get("image") != str(Path(image).resolve()):
+        return None
+    for name, digest in listed.items():
+        path = files.folder / name
+        if Path(name).name != name or not path.is_file() or sha256_of(path) != digest:
+            return None
+    return summary
+
+
 def _finite_or_none(value) -> Optional[float]:
     try:
         x = float(value)
@@ -390,6 +408,7 @@ class ScoreOptions:
     roi_labels: Optional[Sequence[int]] = None
     roi_margin_mm: float = 10.0
     montage: bool = False
+    resume: bool = False  # skip a case whose outputs by the same model for the same image are complete
 
 
 @dataclass
@@ -401,6 +420,7 @@ class CaseOutcome:
     summary: Optional[dict] = None
     images: List[str] = field(default_factory=list)
     error: Optional[AnomalyFlagError] = None
+    skipped: bool = False  # complete outputs were already there (ScoreOptions.resume)
 
 
 ExtraImages = Callable[[object, CaseResult, CaseOutputs, Optional[Path]], None]
@@ -418,9 +438,10 @@ def score_cases(
     """Score `cases` (io.cases.Case) into `out_dir`, publishing each case's files as one set, and yield
     one CaseOutcome per case as it finishes; a case that fails yields its error and the others go on.
 
-    `extra_images(case, result, outputs, roi)` may stage more PNGs of a case with flags (the Slicer
-    snapshots); `progress(i, case)` gives the progress callback of the i-th case; cancel() stops with a
-    CancelledError, finished cases keep their files.
+    With `options.resume` a case whose outputs are complete (`complete_outputs`) is not scored again: its
+    outcome has the summary on disk and `skipped`. `extra_images(case, result, outputs, roi)` may stage
+    more PNGs of a case with flags (the Slicer snapshots); `progress(i, case)` gives the progress callback
+    of the i-th case; cancel() stops with a CancelledError, finished cases keep their files.
     """
     from .cases import roi_for_case
     from .montage import MontageSlices, write_flagged_montage
@@ -432,6 +453,10 @@ def score_cases(
     for i, case in enumerate(cases):
         if cancel is not None and cancel():
             raise CancelledError(f"scoring was cancelled before case {case.name}.")
+        done = options.resume and complete_outputs(out_dir, case.name, scorer.bundle.fingerprint(), case.image)
+        if done:
+            yield CaseOutcome(case, summary=done, images=list(done.get("files", {}).get("images", [])), skipped=True)
+            continue
         try:
             with CaseOutputs(out_dir, case.name) as outputs:
                 roi = roi_for_case(case, options.roi, single)

@@ -26,7 +26,7 @@ def _outputs(folder):
         if path.name.endswith("_summary.json"):
             summary = json.loads(path.read_text())
             out[path.name] = {k: summary[k] for k in ("flagged_slices", "threshold", "model_fingerprint", "image")}
-        elif path.name.endswith((".csv", ".nrrd")):
+        elif path.name.endswith(("_slices.csv", ".nrrd")):
             out[path.name] = path.read_bytes()
     return out
 
@@ -62,3 +62,25 @@ def test_two_shards_write_what_one_process_writes_and_a_rerun_resumes(tiny_model
 
     assert main(["worklist", "--scores", str(folder), "--output", str(tmp_path / "ranked")]) == 0
     assert "Worklist of 2 case(s)" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_torchrun_splits_the_cases_over_the_processes_and_rank_0_ranks_them(tiny_model, phantom_anomalous_dir,
+                                                                             tmp_path):  # fmt: skip
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    out = tmp_path / "out"
+    env = dict(os.environ, PYTHONPATH=str(ROOT / "AnomalyFlag"), OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m",
+           "AnomalyFlagLib", "worklist", "--model", str(tiny_model), "--input", str(phantom_anomalous_dir),
+           "--output", str(out), "--device", "cpu"]  # fmt: skip
+    run = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert run.stdout.count("Shard 0 of 2: 1 case(s)") == 1 and run.stdout.count("Shard 1 of 2: 1 case(s)") == 1
+    assert run.stdout.count("Worklist of 2 case(s)") == 1  # written once, by rank 0, with both shards' cases
+    assert main(["score", "--model", str(tiny_model), "--input", str(phantom_anomalous_dir), "--device", "cpu",
+                 "--output", str(tmp_path / "one")]) == 0  # fmt: skip
+    assert _outputs(out) == _outputs(tmp_path / "one")

@@ -333,12 +333,18 @@ def _score_cases(a, cases, out_dir, progress_label="score"):
 
 
 def _cases_to_score(a):
+    """The input's cases, or this process's shard of them (--shard, or its rank under torchrun, which
+    also gives it its own GPU)."""
     from .io.cases import discover_cases, shard_cases
+    from .launcher import Launch
 
     cases = discover_cases(a.input, "input")
-    if getattr(a, "shard", None):
-        cases = shard_cases(cases, *a.shard)
-        print(f"Shard {a.shard[0]} of {a.shard[1]}: {len(cases)} case(s)")
+    launch = Launch.from_environment()
+    a.device = launch.device(a.device)
+    shard = getattr(a, "shard", None) or ((launch.rank, launch.world_size) if launch.distributed else None)
+    if shard:
+        cases = shard_cases(cases, *shard)
+        print(f"Shard {shard[0]} of {shard[1]}: {len(cases)} case(s)")
     return cases
 
 
@@ -414,7 +420,7 @@ def _add_active_learning_parsers(sub):
 
 def _cmd_worklist(a):
     from .errors import InputError
-    from .io.scored_case import prepare_output_dir
+    from .io.scored_case import CaseFiles, prepare_output_dir
     from .review.active_learning import WORKLIST_NAME, rank_cases, write_worklist
 
     out_dir = Path(a.output)
@@ -426,7 +432,17 @@ def _cmd_worklist(a):
     else:
         if not (a.model and a.input):
             raise InputError("worklist needs --model and --input to score scans, or --scores to rank scored outputs.")
+        from .io.cases import discover_cases
+        from .launcher import Launch
+
         results, failures = _score_cases(a, _cases_to_score(a), out_dir, progress_label="worklist")
+        launch = Launch.from_environment()
+        if launch.distributed:  # rank 0 ranks every shard's cases once all are written
+            launch.barrier()
+            if launch.rank != 0:
+                return
+            every = discover_cases(a.input, "input")
+            results = [(case, None) for case in every if CaseFiles(out_dir, case.name).summary.is_file()]
         if not results:
             raise AnomalyFlagError(f"none of the {len(failures)} case(s) could be scored.")
         paths = {case.name: str(Path(case.image).resolve()) for case, _ in results}

@@ -6,6 +6,7 @@ import SimpleITK as sitk
 from AnomalyFlagLib.bundle import load_bundle
 from AnomalyFlagLib.cli import main
 from AnomalyFlagLib.io.cases import discover_cases
+from AnomalyFlagLib.io.montage import MontageSlices
 from AnomalyFlagLib.phantom import ORGAN_LABELS, make_phantom
 from AnomalyFlagLib.scoring import Scorer
 from AnomalyFlagLib.training import recalibrate
@@ -58,8 +59,14 @@ def test_inside_the_segmentation_slices_get_the_organ_aware_score(organ_model, t
     phantom = _case_with_liver_contour(tmp_path, "case", seed=7, anomalies=[{"kind": "metal_stent"}])
     scorer = Scorer(organ_model, device="cpu")
     whole = scorer.score(str(tmp_path / "case.nrrd"))
-    organ = scorer.score(str(tmp_path / "case.nrrd"), roi=str(tmp_path / "case_seg.nrrd"))
+    kept = MontageSlices(max_slices=2)
+    organ = scorer.score(str(tmp_path / "case.nrrd"), roi=str(tmp_path / "case_seg.nrrd"), slice_keeper=kept)
     inside = organ.slices["in_roi"]
+    # the montage keeps what the flags rank: slices inside the ROI, by the organ-aware score
+    assert kept.slices and set(kept.slices) <= set(np.flatnonzero(inside).tolist())
+    own = scorer.bundle.organ_calibration.normalise(organ.slices["score"], organ.slices["position"])
+    ranked = sorted(np.flatnonzero(inside), key=lambda k: -own[k])
+    assert set(kept.slices) == set(int(k) for k in ranked[: kept.keep])
     assert inside.any() and not inside.all()
     assert set(organ.slices["score_kind"][inside]) == {"organ"} and set(organ.slices["score_kind"][~inside]) == {"body"}
     assert set(whole.slices["score_kind"]) == {"body"}

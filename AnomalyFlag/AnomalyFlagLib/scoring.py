@@ -150,8 +150,11 @@ class Scorer:
             frac[k0:k1] = (((index > 1.0) & region).sum(dim=(1, 2)) / counts).numpy()
             heat = torch.clamp(torch.round(index / HEATMAP_SCALE), 0, 255).to(torch.uint8).numpy()
             sink.write(k0, heat)
-            if keeper is not None:
+            if keeper is not None:  # ranked as the flags will be: by the score in use, never outside the ROI
                 own = cal.normalise(values["score"][k0:k1], positions[k0:k1])
+                if organ_cal is not None:
+                    own = organ_cal.normalise(organ_scores[k0:k1], positions[k0:k1])
+                own = np.where(in_roi[k0:k1], own, -np.inf)
                 keeper.offer(k0, slab, heat, None if roi_slabs is None else roi_slabs.view[k0:k1], own)
             compute_s += time.perf_counter() - t0
             if progress is not None:

@@ -150,29 +150,20 @@ def calibrate_on(bundle: Bundle, slices: SliceSet, num_cases: int, device, targe
     bundle.statistics = statistics(torch.ones(len(slices), dtype=torch.bool)).to(device)
     context, _ = neighbour_max(scores.numpy(), slices.case_index.numpy(), slices.slice_index.numpy(),
                                sc.neighbour_slices)  # fmt: skip
-    bundle.calibration = calibrate(
-        context,
-        slices.positions.numpy(),
-        torch.cat(pixels).numpy(),
-        num_cases=num_cases,
-        position_bins=sc.position_bins,
-        target_false_flag_rate=sc.target_false_flag_rate,
-        pixel_false_positive_rate=sc.pixel_false_positive_rate,
-    )
+    pixel_values = torch.cat(pixels).numpy()
+
+    def fit(slice_scores, positions, cases):
+        return calibrate(slice_scores, positions, pixel_values, num_cases=cases, position_bins=sc.position_bins,
+                         target_false_flag_rate=sc.target_false_flag_rate,
+                         pixel_false_positive_rate=sc.pixel_false_positive_rate)  # fmt: skip
+
+    bundle.calibration = fit(context, slices.positions.numpy(), num_cases)
     bundle.organ_calibration = None
     inside = torch.isfinite(organ_scores).numpy()
     if inside.sum() >= MIN_CALIBRATION_SLICES:
         organ_context, _ = neighbour_max(organ_scores.numpy()[inside], slices.case_index.numpy()[inside],
                                          slices.slice_index.numpy()[inside], sc.neighbour_slices)  # fmt: skip
-        organ = calibrate(
-            organ_context,
-            slices.positions.numpy()[inside],
-            torch.cat(pixels).numpy(),
-            num_cases=len(np.unique(slices.case_index.numpy()[inside])),
-            position_bins=sc.position_bins,
-            target_false_flag_rate=sc.target_false_flag_rate,
-            pixel_false_positive_rate=sc.pixel_false_positive_rate,
-        )
+        organ = fit(organ_context, slices.positions.numpy()[inside], len(np.unique(slices.case_index.numpy()[inside])))
         bundle.organ_calibration = OrganCalibration.from_calibration(organ, roi_labels, roi_margin_mm)
     elif inside.any():
         log(f"Warning: only {int(inside.sum())} held-out slices show their segmentation (at least "

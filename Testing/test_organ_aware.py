@@ -135,3 +135,19 @@ def test_slicer_table_and_chart_say_which_score_flagged(organ_model, tmp_path):
             assert any("organ-aware threshold" in n for n in names) == expected
         finally:
             fixture.close()
+
+
+@pytest.mark.slow
+def test_evaluate_reports_the_thresholds_the_flags_used(organ_model, tmp_path):
+    import json
+    import shutil
+
+    cases = tmp_path / "cases"
+    _case_with_liver_contour(cases, "a", seed=21, anomalies=[{"kind": "fluid"}])
+    shutil.copy(cases / "a_seg.nrrd", cases / "a_reference.nrrd")
+    assert main(["evaluate", "--model", str(organ_model), "--input", str(cases), "--output", str(tmp_path / "r"),
+                 "--device", "cpu"]) == 0  # fmt: skip
+    failure = json.loads((tmp_path / "r" / "evaluation.json").read_text())["segmentation_failure"]
+    organ = load_bundle(organ_model).organ_calibration
+    assert failure["thresholds"]["organ_aware"] == organ.threshold
+    assert [(c["score_kind"], c["threshold"]) for c in failure["cases"]] == [("organ", organ.threshold)]

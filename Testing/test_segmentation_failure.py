@@ -311,6 +311,8 @@ def test_evaluate_reports_segmentation_failures(flagging_model, tmp_path, capsys
     failure = report["segmentation_failure"]
     assert failure["rule"] == {"dice_threshold": 0.8, "min_reference_voxels": 50, "count_missing": True}
     assert failure["n_cases"] == 2 and failure["n_slices"] == 48
+    assert failure["thresholds"] == {"whole_body": report["threshold"], "organ_aware": None}  # no organ calibration
+    assert [(c["score_kind"], c["threshold"]) for c in failure["cases"]] == [("body", report["threshold"])] * 2
     assert failure["n_flagged"] > 0 and failure["n_failures"] > 0  # the flagging model flags 40% of normal slices
     assert (out / "segmentation_failure.png").stat().st_size > 20_000
     assert (out / "evaluation.png").is_file()

@@ -100,6 +100,8 @@ def _failure_case(case: Case, source, result, rule: FailureRule, labels, automat
         "failures_flagged": metrics["failures_flagged"],
         "failed_slices": np.flatnonzero(failed).tolist(),
         "flagged_slices": np.flatnonzero(flagged).tolist(),
+        "score_kind": (result.roi or {}).get("score_kind", "body"),
+        "threshold": result.threshold,
         "mean_dice_before": metrics["mean_dice_before"],
         "mean_dice_after": metrics["mean_dice_after"],
         "mean_surface_distance_mm": float(np.nanmean(distance)) if np.isfinite(distance).any() else None,
@@ -108,7 +110,7 @@ def _failure_case(case: Case, source, result, rule: FailureRule, labels, automat
     return {"name": case.name, "scores": normalised, "flagged": flagged, "failed": failed, "summary": summary, **table}
 
 
-def _pooled_failures(per_case: list, rule: FailureRule, labels, threshold: float, output: Path) -> dict:
+def _pooled_failures(per_case: list, rule: FailureRule, labels, thresholds: dict, output: Path) -> dict:
     pooled = failure_metrics(
         np.concatenate([c["scores"] for c in per_case]),
         np.concatenate([c["failed"] for c in per_case]),
@@ -125,8 +127,8 @@ def _pooled_failures(per_case: list, rule: FailureRule, labels, threshold: float
     return {
         "rule": rule.to_dict(),
         "labels": list(labels) if labels else "any non-zero",
-        "threshold": threshold,
-        "score": "normalised",
+        "thresholds": thresholds,
+        "score": "normalised (organ-aware inside the segmentation where the model has that calibration)",
         "n_cases": len(per_case),
         **pooled,
         "cases": [c["summary"] for c in per_case],
@@ -231,7 +233,9 @@ def evaluate_folder(
             title=f"{scorer.bundle.name} on {len(masked)} case(s) from {Path(input_path).name}",
         )
     if failure_cases:
-        report["segmentation_failure"] = _pooled_failures(failure_cases, rule, failure_labels, threshold, output)
+        organ = scorer.bundle.organ_calibration
+        thresholds = {"whole_body": threshold, "organ_aware": organ.threshold if organ is not None else None}
+        report["segmentation_failure"] = _pooled_failures(failure_cases, rule, failure_labels, thresholds, output)
     stale = ([] if scores else [REPORT_PNG]) + ([] if failure_cases else [FAILURE_PNG, FAILURE_SLICES_CSV])
     for name in stale:  # a picture of an earlier run beside this report would mislead
         (output / name).unlink(missing_ok=True)

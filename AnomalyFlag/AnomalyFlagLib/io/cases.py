@@ -8,7 +8,7 @@ left out of training. Files ending in _organs or _heatmap are companions, not ca
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import List, Optional
+from typing import Dict, List, Optional
 
 from ..errors import InputError
 from .volumes import case_name, find_cases, refuse_duplicate_case_names
@@ -32,10 +32,20 @@ class Case:
     reference: Optional[Path] = None
 
 
-def _companion(folder: Path, stem: str, suffix: str) -> Optional[Path]:
-    """`<stem><suffix>.*` in `folder` (a volume or a .seg.nrrd); for the segmentation also `<stem>.seg.nrrd`."""
+def _files_by_name(folder: Path) -> Dict[str, List[Path]]:
+    """The files of `folder` by case name (one listing for every case's companions)."""
+    index: Dict[str, List[Path]] = {}
+    for f in sorted(folder.iterdir()):
+        if f.is_file():
+            index.setdefault(case_name(f), []).append(f)
+    return index
+
+
+def _companion(index: Dict[str, List[Path]], folder: Path, stem: str, suffix: str) -> Optional[Path]:
+    """`<stem><suffix>.*` among the folder's files `index` (a volume or a .seg.nrrd); for the segmentation
+    also `<stem>.seg.nrrd`."""
     names = {f"{stem}{suffix}", f"{stem}{suffix}.seg"} | ({f"{stem}.seg"} if suffix == SEGMENTATION_SUFFIX else set())
-    found = sorted(f for f in folder.iterdir() if f.is_file() and case_name(f) in names)
+    found = sorted(f for name in names for f in index.get(name, ()))
     if len(found) > 1:
         raise InputError(f"folder '{folder}' holds several {suffix[1:]} files for case '{stem}': "
                          f"{', '.join(repr(str(f.name)) for f in found)}; keep one.")  # fmt: skip
@@ -65,13 +75,14 @@ def discover_cases(path, name: str = "training input") -> List[Case]:
             images.append(f)
     if not images:
         raise InputError(f"{name} '{path}' holds masks but no image volumes.")
+    index = _files_by_name(path) if path.is_dir() else None
     cases = []
     for f in images:
-        stem, folder = _stem(f), f.parent
-        companions = path.is_dir() and folder == path
+        stem = _stem(f)
+        companions = index is not None and f.parent == path
         cases.append(Case(case_name(f), f, masks.get(stem),
-                          _companion(folder, stem, SEGMENTATION_SUFFIX) if companions else None,
-                          _companion(folder, stem, REFERENCE_SUFFIX) if companions else None))  # fmt: skip
+                          _companion(index, path, stem, SEGMENTATION_SUFFIX) if companions else None,
+                          _companion(index, path, stem, REFERENCE_SUFFIX) if companions else None))  # fmt: skip
     return cases
 
 

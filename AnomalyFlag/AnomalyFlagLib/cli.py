@@ -255,8 +255,9 @@ def _cmd_train(a):
         roi_labels=a.roi_labels,
         roi_margin_mm=a.roi_margin_mm,
     )
-    print(f"Model bundle written to {out}")
-    _print_organ_calibration(out)
+    if out is not None:  # None: a torchrun process other than rank 0, which writes the bundle
+        print(f"Model bundle written to {out}")
+        _print_organ_calibration(out)
 
 
 def _cmd_calibrate(a):

@@ -3,7 +3,7 @@
 import hashlib
 import json
 import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, List, Optional
 
@@ -14,10 +14,12 @@ from .atomic_files import atomic_path
 from .bundle import Bundle, load_bundle, new_bundle, save_bundle
 from .calibration import Calibration, OrganCalibration, calibrate
 from .config import PreprocessConfig, ScoreConfig
+from .data_parallel import DataParallel, process_group
 from .detectors import DEFAULT_BACKEND, TrainingData, TrainingRun, backend_class
 from .devices import autocast_for, select_device
 from .errors import InputError
 from .io.cases import discover_cases
+from .launcher import Launch
 from .maps import MapStatisticsAccumulator, neighbour_max
 from .preprocessing import InputSpec
 from .training_slices import SliceSet, load_slices, split_cases, split_slices
@@ -31,17 +33,23 @@ RESUMABLE = ("max_minutes", "checkpoint_every")  # may change on resume; everyth
 
 
 class Checkpointer:
-    """Saves and restores training state with torch.save / torch.load(weights_only=True)."""
+    """Saves and restores training state with torch.save / torch.load(weights_only=True): the weights and
+    optimiser states (the same on every process) and each process's random state."""
 
-    def __init__(self, path: Path, fingerprint: str, resume: bool):
+    def __init__(self, path: Path, fingerprint: str, resume: bool, world_size: int = 1):
         self.path = path
         self.fingerprint = fingerprint
         self.resume = resume
+        self.world_size = world_size
 
-    def restore(self, networks, optimizers, generator: torch.Generator) -> dict:
-        """The saved position ({stage, step, spent, done}), or {} when starting afresh."""
+    def position(self) -> dict:
+        """Where a resumed run will start ({stage, step, spent, done}); {} when starting afresh."""
+        state = self._load()
+        return dict(state["where"]) if state else {}
+
+    def _load(self) -> Optional[dict]:
         if not (self.resume and self.path.is_file()):
-            return {}
+            return None
         try:
             state = torch.load(self.path, map_location="cpu", weights_only=True)
         except Exception as exc:  # any unpickling refusal or damage
@@ -50,21 +58,37 @@ class Checkpointer:
             raise InputError(
                 f"checkpoint '{self.path}' was made with other settings or data; delete it or train without --resume."
             )
+        made_by = len(state.get("rng_processes") or [state["rng"]])
+        if made_by != self.world_size:
+            raise InputError(
+                f"checkpoint '{self.path}' was made by {made_by} training process(es), this run has "
+                f"{self.world_size}; resume with the same number (torchrun --nproc-per-node)."
+            )
+        return state
+
+    def restore(self, networks, optimizers, generator: torch.Generator, rank: int = 0) -> dict:
+        """Load the saved state into the networks, optimisers and this process's random generator;
+        returns the saved position ({stage, step, spent, done}), or {} when starting afresh."""
+        state = self._load()
+        if state is None:
+            return {}
         for name, net in networks.items():
             net.load_state_dict(state["networks"][name])
         for name, opt in optimizers.items():
             opt.load_state_dict(state["optimizers"][name])
-        generator.set_state(state["rng"])
+        generator.set_state((state.get("rng_processes") or [state["rng"]])[rank])
         return dict(state["where"])
 
-    def save(self, networks, optimizers, generator: torch.Generator, where: dict) -> None:
+    def save(self, networks, optimizers, generator_states: List[torch.Tensor], where: dict) -> None:
         state = {
             "fingerprint": self.fingerprint,
             "networks": {k: v.state_dict() for k, v in networks.items()},
             "optimizers": {k: v.state_dict() for k, v in optimizers.items()},
-            "rng": generator.get_state(),
+            "rng": generator_states[0],
             "where": where,
         }
+        if len(generator_states) > 1:
+            state["rng_processes"] = list(generator_states)
         with atomic_path(self.path) as tmp:
             torch.save(state, tmp)
 
@@ -206,14 +230,17 @@ def train(
     log: Callable[[str], None] = print,
     roi_labels=None,
     roi_margin_mm: float = 10.0,
-) -> Path:
+) -> Optional[Path]:
     """Train `backend` on the normal volumes at `input_path`, calibrate on held-out normal slices, save a bundle.
 
     With `max_minutes` every stage gets its share of the time left after loading and before calibration,
     so the whole run, calibration included, ends within about that time (the number of steps then depends
     on the machine's speed; without it the run is repeatable bit for bit on the CPU). Cases with a
     segmentation beside them (`<case>_seg.*`) also give the organ-aware calibration, of `roi_labels` plus
-    `roi_margin_mm` (see `calibrate_on`)."""
+    `roi_margin_mm` (see `calibrate_on`).
+
+    Under `torchrun` every process trains on its share of the slices (see `data_parallel`); rank 0
+    calibrates and writes the bundle and returns its path, the others return None."""
     started = time.monotonic()
     cls = backend_class(backend)
     architecture = architecture or cls.Architecture()
@@ -223,7 +250,10 @@ def train(
     if max_minutes is not None and not max_minutes > 0:
         raise InputError(f"--max-minutes must be positive, not {max_minutes}.")
     output = Path(output)
-    dev = select_device(device)
+    launch = Launch.from_environment()
+    dev = select_device(launch.device(device))
+    if launch.rank > 0:  # rank 0 speaks for all
+        log, progress = (lambda message: None), None
     torch.manual_seed(seed)  # before the networks are built: their initial weights come from it
     np.random.seed(seed)
     if dev.type == "cpu":
@@ -234,58 +264,60 @@ def train(
         raise InputError(f"cannot train backend '{backend}': {exc}") from None
     cases = discover_cases(input_path)
     log(f"Loading {len(cases)} case(s) from {input_path} ...")
-    slices = load_slices(cases, preprocess, cancel=cancel, roi_labels=roi_labels, roi_margin_mm=roi_margin_mm)
-    train_ids, val_ids = split_cases(len(cases), validation_fraction, seed)
-    if val_ids:
-        train_set, val_set = slices.subset(train_ids), slices.subset(val_ids)
-    else:
-        train_set, val_set = split_slices(slices, MIN_CALIBRATION_SLICES)
+    with process_group(launch, dev) as parallel:
+        share = _training_share(cases, validation_fraction, seed, preprocess, parallel, cancel, log,
+                                roi_labels=roi_labels, roi_margin_mm=roi_margin_mm)  # fmt: skip
+        train_set, val_set = share.train, share.held_out
         log(
-            f"Warning: {len(cases)} case(s) are too few to hold one out; calibrating on {len(val_set)} slices "
-            "(blocks of 4) of the same patient(s). The false-flag rate on new patients may exceed the target."
+            f"{share.training_slices} training slices, {share.held_out_slices} held-out normal slices for "
+            f"calibration, {share.excluded_slices} masked slices excluded; backend '{backend}'"
+            + (f", {parallel.world_size} training processes." if parallel.distributed else ".")
         )
-    if len(train_set) < MIN_TRAINING_SLICES or len(val_set) < MIN_CALIBRATION_SLICES:
-        raise InputError(
-            f"too few normal slices to train and calibrate ({len(train_set)} training, {len(val_set)} held out); "
-            f"at least {MIN_TRAINING_SLICES} and {MIN_CALIBRATION_SLICES} are needed."
-        )
-    log(
-        f"{len(train_set)} training slices, {len(val_set)} held-out normal slices for calibration, "
-        f"{slices.excluded_slices} masked slices excluded; backend '{backend}'."
-    )
-    bundle.backend.to(dev)
-    work = output.with_name(output.name + ".partial")
-    work.mkdir(parents=True, exist_ok=True)
-    run_settings = {"seed": seed, "validation_fraction": validation_fraction}
-    fingerprint = _fingerprint(backend, asdict(architecture), asdict(options), asdict(preprocess), run_settings,
-                               slices.case_names, len(slices))  # fmt: skip
-    checkpointer = Checkpointer(work / "checkpoint.pt", fingerprint, resume)
-    deadline = None
-    if max_minutes is not None:
-        deadline = started + 60.0 * max_minutes - _calibration_seconds(bundle, val_set, dev)
-    run = TrainingRun(dev, seed, checkpointer, progress or (lambda *a: None), cancel or (lambda: False),
-                      deadline, checkpoint_every)  # fmt: skip
-    run.stage_shares = {s.name: s.share for s in bundle.backend.stages(options)}
-    train_started = time.monotonic()
-    bundle.backend.fit(TrainingData(train_set.images, train_set.positions), options, run)
-    bundle.backend.eval()
-    train_seconds = time.monotonic() - train_started
-    calibrate_on(bundle, val_set, max(1, len(val_ids)), dev, roi_labels=roi_labels, roi_margin_mm=roi_margin_mm,
+        bundle.backend.to(dev)
+        work = output.with_name(output.name + ".partial")
+        if parallel.rank == 0:
+            work.mkdir(parents=True, exist_ok=True)
+        run_settings = {"seed": seed, "validation_fraction": validation_fraction}
+        fingerprint = _fingerprint(backend, asdict(architecture), asdict(options), asdict(preprocess), run_settings,
+                                   [c.name for c in cases], share.slices)  # fmt: skip
+        checkpointer = Checkpointer(work / "checkpoint.pt", fingerprint, resume, parallel.world_size)
+        where = checkpointer.position()
+        if where:
+            log(f"Resuming from the checkpoint: stage '{where.get('stage')}', step {where.get('step', 'end')}.")
+        deadline = None
+        if max_minutes is not None and val_set is not None:  # rank 0's clock decides for all
+            deadline = started + 60.0 * max_minutes - _calibration_seconds(bundle, val_set, dev)
+        run = TrainingRun(dev, seed, checkpointer, progress or (lambda *a: None), cancel or (lambda: False),
+                          deadline, checkpoint_every, parallel)  # fmt: skip
+        run.stage_shares = {s.name: s.share for s in bundle.backend.stages(options)}
+        train_started = time.monotonic()
+        bundle.backend.fit(TrainingData(train_set.images, train_set.positions), options, run)
+        bundle.backend.eval()
+        train_seconds = time.monotonic() - train_started
+        digests = parallel.weights_digests(bundle.backend.networks())
+    if len(set(digests)) > 1:
+        raise RuntimeError(f"the {len(digests)} training processes ended with different weights ({digests}); "
+                           "the bundle is not written.")  # fmt: skip
+    if val_set is None:  # not rank 0: it calibrates and writes
+        return None
+    calibrate_on(bundle, val_set, share.held_out_cases, dev, roi_labels=roi_labels, roi_margin_mm=roi_margin_mm,
                  log=log)  # fmt: skip
     summary = {
         "backend": backend,
         "cases": len(cases),
-        "case_names": slices.case_names,
-        "training_slices": len(train_set),
+        "case_names": [c.name for c in cases],
+        "training_slices": share.training_slices,
         "calibration_slices": len(val_set),
-        "calibration_cases": [slices.case_names[i] for i in val_ids]
+        "calibration_cases": share.held_out_names
         or "slice-level split (too few cases to hold one out): blocks of 4 slices",
-        "excluded_masked_slices": slices.excluded_slices,
+        "excluded_masked_slices": share.excluded_slices,
         "segmented_cases": [c.name for c in cases if c.segmentation is not None],
         "seed": seed,
         "max_minutes": max_minutes,
         "steps": run.steps_done,
         "device": str(dev),
+        "processes": parallel.world_size,
+        "weights_digests": digests,
         "training_s": round(train_seconds, 1),
         "duration_s": round(time.monotonic() - started, 1),
         "input": str(input_path),
@@ -297,6 +329,66 @@ def train(
     except OSError:
         pass
     return output
+
+
+@dataclass
+class _Share:
+    """One training process's slices: its share of the training slices, and on rank 0 the held-out ones
+    (None elsewhere); counts are totals over the processes."""
+
+    train: SliceSet
+    held_out: Optional[SliceSet]
+    held_out_names: List[str]
+    slices: int
+    training_slices: int
+    held_out_slices: int
+    excluded_slices: int
+
+    @property
+    def held_out_cases(self) -> int:
+        return max(1, len(self.held_out_names))
+
+
+def _training_share(cases, validation_fraction, seed, preprocess, parallel: DataParallel, cancel, log,
+                    **load) -> _Share:  # fmt: skip
+    """Split the cases into training and held-out ones (never sharing a case) and read this process's
+    share: every N-th training case, or, with fewer training cases than processes, every N-th slice."""
+    rank, world = parallel.rank, parallel.world_size
+    train_ids, val_ids = split_cases(len(cases), validation_fraction, seed)
+    by_case = bool(val_ids) and len(train_ids) >= world
+    error = None
+    try:
+        if val_ids:
+            mine = train_ids[rank::world] if by_case else train_ids
+            read = mine + (val_ids if rank == 0 else [])
+            slices = load_slices([cases[i] for i in read], preprocess, cancel=cancel, **load)
+            train_set = slices.subset(list(range(len(mine))))
+            held_out = slices.subset(list(range(len(mine), len(read))))
+        else:
+            slices = load_slices(cases, preprocess, cancel=cancel, **load)
+            train_set, held_out = split_slices(slices, MIN_CALIBRATION_SLICES)
+            log(
+                f"Warning: {len(cases)} case(s) are too few to hold one out; calibrating on {len(held_out)} "
+                "slices (blocks of 4) of the same patient(s). The false-flag rate on new patients may exceed "
+                "the target."
+            )
+    except Exception as exc:  # every process must learn of it, or the others would wait in a collective
+        error = exc
+    if not parallel.all_ok(error is None):
+        raise error or InputError("another training process could not read its share of the data; see its error.")
+    # Shares of cases add up; otherwise rank 0 read a superset of what every other process read.
+    combine = parallel.total if by_case else parallel.maximum
+    total, training, excluded = (int(combine(n)) for n in (len(slices), len(train_set), slices.excluded_slices))
+    held_out_slices = int(parallel.maximum(len(held_out) if rank == 0 else 0))
+    if training < MIN_TRAINING_SLICES or held_out_slices < MIN_CALIBRATION_SLICES:
+        raise InputError(
+            f"too few normal slices to train and calibrate ({training} training, {held_out_slices} held out); "
+            f"at least {MIN_TRAINING_SLICES} and {MIN_CALIBRATION_SLICES} are needed."
+        )
+    if not by_case:
+        train_set = train_set.select(torch.isin(torch.arange(len(train_set)), parallel.share(len(train_set))))
+    return _Share(train_set, held_out if rank == 0 else None, [cases[i].name for i in val_ids], total, training,
+                  held_out_slices, excluded)  # fmt: skip
 
 
 def recalibrate(bundle_path, input_path, output=None, target_rate: Optional[float] = None, device: str = "auto",

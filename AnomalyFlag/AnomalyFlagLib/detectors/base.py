@@ -15,6 +15,7 @@ from typing import Callable, ClassVar, Dict, Optional, Sequence, Tuple
 
 import torch
 
+from ..data_parallel import DataParallel
 from ..errors import CancelledError
 from ..preprocessing import InputSpec
 
@@ -63,8 +64,9 @@ def option(default, help: str, flag: Optional[str] = None, **kwargs):
 
 class TrainingRun:
     """What a backend's `fit` gets besides the data: device, seeded random numbers, progress, cancel,
-    checkpoints and the time budget. `run_stage` drives one stage's loop, so every backend checkpoints,
-    resumes, reports and keeps to the budget the same way."""
+    checkpoints, the time budget and the data-parallel processes (`parallel`). `run_stage` drives one
+    stage's loop, so every backend checkpoints, resumes, reports, keeps to the budget and trains on
+    several processes the same way."""
 
     def __init__(
         self,
@@ -75,9 +77,12 @@ class TrainingRun:
         cancel: CancelFn,
         deadline: Optional[float] = None,
         checkpoint_every: int = 200,
+        parallel: Optional[DataParallel] = None,
     ):
         self.device = device
-        self.generator = torch.Generator().manual_seed(seed)
+        self.parallel = parallel or DataParallel(device=device)
+        # Each process its own random stream (rank 0's is a single process's).
+        self.generator = torch.Generator().manual_seed(seed + self.parallel.rank)
         self.checkpoint = checkpoint
         self.progress = progress
         self.cancel = cancel
@@ -88,8 +93,10 @@ class TrainingRun:
         self._state: dict = {}
 
     def restore(self, networks: Dict[str, torch.nn.Module], optimizers: Dict[str, torch.optim.Optimizer]) -> None:
-        """Load a resumed run's weights, optimiser states and random state (nothing when starting afresh)."""
-        self._state = self.checkpoint.restore(networks, optimizers, self.generator)
+        """Load a resumed run's weights, optimiser states and random state (nothing when starting afresh);
+        with several processes, start all from rank 0's weights and average gradients at every step."""
+        self._state = self.checkpoint.restore(networks, optimizers, self.generator, self.parallel.rank)
+        self.parallel.synchronise(networks, optimizers)
 
     def run_stage(
         self,
@@ -112,25 +119,38 @@ class TrainingRun:
         started = time.monotonic() - spent
         while step < total_steps:
             elapsed = time.monotonic() - started
-            if allotted is not None and elapsed >= allotted:
-                break
             fraction = step / total_steps
             if allotted is not None:
                 fraction = max(fraction, elapsed / allotted)
+            over = allotted is not None and elapsed >= allotted
+            cancelled = step > 0 and self.cancel()  # asked after each step, as the checkpoint below is
+            fraction, over, cancelled = self.parallel.agree(fraction, over, cancelled)
+            if cancelled:
+                self._save(networks, optimizers, self._where(stage, step, started, done_stages))
+                raise CancelledError(f"training cancelled at {stage.name} step {step}; resume with --resume")
+            if over:
+                break
             info = step_fn(step, min(fraction, 1.0))
             step += 1
             self.progress(stage.name, step, total_steps, info)
-            cancelled = self.cancel()
-            if cancelled or step % self.checkpoint_every == 0:
-                where = {"stage": stage.name, "step": step, "spent": time.monotonic() - started, "done": done_stages}
-                self.checkpoint.save(networks, optimizers, self.generator, where)
-            if cancelled:
-                raise CancelledError(f"training cancelled at {stage.name} step {step}; resume with --resume")
+            if step % self.checkpoint_every == 0:
+                self._save(networks, optimizers, self._where(stage, step, started, done_stages))
         if step < total_steps:  # stopped by the budget: the bar ends where the stage ended
             self.progress(stage.name, total_steps, total_steps, {"stopped_at_step": step})
         self.steps_done[stage.name] = step
         self._state = {"done": done_stages + [stage.name]}
-        self.checkpoint.save(networks, optimizers, self.generator, {"stage": stage.name, **self._state})
+        self._save(networks, optimizers, {"stage": stage.name, **self._state})
+
+    @staticmethod
+    def _where(stage: TrainingStage, step: int, started: float, done_stages) -> dict:
+        return {"stage": stage.name, "step": step, "spent": time.monotonic() - started, "done": done_stages}
+
+    def _save(self, networks, optimizers, where: dict) -> None:
+        """A checkpoint of the replicas (buffers averaged), with every process's random state; rank 0 writes."""
+        self.parallel.average_buffers(networks)
+        states = self.parallel.gather_generator_states(self.generator)
+        if self.parallel.rank == 0:
+            self.checkpoint.save(networks, optimizers, states, where)
 
     def _allotted(self, stage: TrainingStage) -> Optional[float]:
         """Seconds this stage may use: its share of the time left, counting the stages still to run."""

@@ -66,10 +66,10 @@ class NormativeBackend(DetectorBackend):
 
     def fit(self, data: TrainingData, options: NormativeOptions, run: TrainingRun) -> None:
         # One step of seconds: the statistics are complete whenever a checkpoint holds them.
-        run.run_stage(self.stages(options)[0], 1, lambda step, fraction: self._accumulate(data, options),
+        run.run_stage(self.stages(options)[0], 1, lambda step, fraction: self._accumulate(data, options, run),
                       self.networks(), {})  # fmt: skip
 
-    def _accumulate(self, data: TrainingData, options: NormativeOptions) -> dict:
+    def _accumulate(self, data: TrainingData, options: NormativeOptions, run: TrainingRun) -> dict:
         arch = self.architecture
         bins = position_bins(data.positions, arch.position_bins)
         shape = self.statistics.mean.shape
@@ -82,6 +82,8 @@ class NormativeBackend(DetectorBackend):
             total.index_add_(0, bins[sl], x)
             total_sq.index_add_(0, bins[sl], x * x)
             count.add_(torch.bincount(bins[sl], minlength=arch.position_bins).double())
+        for sums in (total, total_sq, count):  # each training process holds a share of the slices
+            run.parallel.all_reduce_sum(sums)
         # A bin without slices borrows the statistics of all slices.
         n = count.view(-1, 1, 1, 1)
         mean = torch.where(n > 0, total / n.clamp_min(1), total.sum(0) / count.sum())
@@ -89,7 +91,7 @@ class NormativeBackend(DetectorBackend):
         std = smooth((sq - mean**2).clamp_min(0).float(), arch.sigma_px).sqrt()
         self.statistics.mean.copy_(mean.float())
         self.statistics.std.copy_(std.clamp_min(arch.std_floor))
-        return {"slices": float(len(data))}
+        return {"slices": float(count.sum())}
 
     @torch.no_grad()
     def maps(self, x, pos, body):

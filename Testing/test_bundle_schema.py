@@ -61,6 +61,8 @@ CASES = [
     (("preprocessing", "centre_on_body"), "no", r"preprocessing\.centre_on_body: expected true or false"),
     (("scoring", "neighbour_slices"), True, r"scoring\.neighbour_slices: expected an integer, found true"),
     (("scoring", "map_sigma_mm"), float("nan"), r"scoring\.map_sigma_mm: expected a finite number, found NaN"),
+    (("scoring", "calibration_bins"), 0, r"scoring\.calibration_bins: expected 1 to"),
+    (("scoring", "position_bins"), DELETE, r"scoring\.position_bins: missing"),
     (("calibration", "bin_edges", 1), "1", r"calibration\.bin_edges\[1\]: expected a finite number"),
     (("calibration", "bin_edges"), [1.0, 0.0], r"calibration\.bin_edges\[0\]: expected 0"),
     (("calibration", "scales", 0), 0, r"calibration\.scales\[0\]: expected above 0"),
@@ -105,6 +107,14 @@ def test_a_bad_value_names_the_bundle_the_key_and_the_problem(bundle_dir, base_m
         load_bundle(bundle_dir)
     text = str(caught.value)
     assert str(bundle_dir / METADATA_FILE) in text and "\n" not in text
+
+
+def test_a_bundle_from_before_calibration_bins_loads_with_one_bin(bundle_dir, base_meta):
+    meta = copy.deepcopy(base_meta)
+    del meta["scoring"]["calibration_bins"]  # older bundles record the per-pixel bins only
+    _write(bundle_dir, meta)
+    bundle = load_bundle(bundle_dir)
+    assert bundle.scoring.calibration_bins == 1 and bundle.scoring.position_bins == meta["scoring"]["position_bins"]
 
 
 def test_a_newer_format_asks_to_upgrade(bundle_dir, base_meta):

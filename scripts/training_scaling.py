@@ -32,7 +32,7 @@ def run(processes: int, data: Path, out: Path, iterations: int, device: str) -> 
         env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // processes))
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(processes),
                "-m", "AnomalyFlagLib"] + args  # fmt: skip
-    subprocess.run(cmd, env=env, check=True, stdout=subprocess.DEVNULL)
+    subprocess.run(cmd, env=env, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     meta = json.loads((out / "metadata.json").read_text())
     seconds = meta["training"]["training_s"]
     batch = meta[meta["backend"]]["training_options"].get("batch_size", 1)

@@ -226,11 +226,15 @@ class ScoreConfig:
     slice position (robust scale floored at `pixel_floor` times the component's overall scale), the
     weighted normalised maps are summed and smoothed by `map_sigma_mm`; the slice score is the mean of
     the top `score_area_mm2` of that map inside the body. A slice then takes the highest score within
-    `neighbour_slices` slices of it (anomalies are 3D), is normalised by normal median and MAD per
-    position bin and flagged above the quantile that flags `target_false_flag_rate` of normal slices.
+    `neighbour_slices` slices of it (anomalies are 3D), is normalised by normal median and MAD in
+    `calibration_bins` bins of slice position and flagged above the quantile that flags
+    `target_false_flag_rate` of normal slices. One calibration bin is the default: per-bin medians and
+    MADs from a few held-out subjects overfit and amplified the scan ends of new subjects (see
+    docs/detector-experiments.md, section 8).
     """
 
     position_bins: int = 4
+    calibration_bins: int = field(default=1, metadata={"absent_in_older_bundles": True})
     pixel_floor: float = 2.0
     neighbour_slices: int = 1
     map_sigma_mm: float = 2.0
@@ -240,8 +244,9 @@ class ScoreConfig:
 
     def validate(self) -> None:
         """Raise FieldError for a value out of range (`check_config` checks the types first)."""
-        expect(1 <= self.position_bins <= MAX_POSITION_BINS, "position_bins", f"1 to {MAX_POSITION_BINS}",
-               self.position_bins)  # fmt: skip
+        for name in ("position_bins", "calibration_bins"):
+            bins = getattr(self, name)
+            expect(1 <= bins <= MAX_POSITION_BINS, name, f"1 to {MAX_POSITION_BINS}", bins)
         expect(0 < self.pixel_floor <= 1000, "pixel_floor", "above 0, at most 1000", self.pixel_floor)
         expect(0 <= self.neighbour_slices <= MAX_NEIGHBOUR_SLICES, "neighbour_slices",
                f"0 to {MAX_NEIGHBOUR_SLICES}", self.neighbour_slices)  # fmt: skip
@@ -260,8 +265,12 @@ def check_rate(value: float, key: str) -> None:
 
 def config_from_dict(cls, data, key: str = ""):
     """Build a configuration dataclass from metadata at `key`: every field present with its annotated
-    type, no unknown field (a newer or foreign bundle), then `validate()`. Raises FieldError."""
-    names = [f.name for f in fields(cls) if f.init]
+    type (except fields added since, which older bundles lack and which take their default), no unknown
+    field (a newer or foreign bundle), then `validate()`. Raises FieldError."""
+    present = data if isinstance(data, dict) else {}
+    names = [
+        f.name for f in fields(cls) if f.init and (f.name in present or not f.metadata.get("absent_in_older_bundles"))
+    ]
     check_keys(data, key, names, cls.__name__)
     hints = _annotations(cls)
     config = cls(**{name: check_value(data[name], hints.get(name, Any), join_key(key, name)) for name in names})

@@ -177,7 +177,7 @@ def calibrate_on(bundle: Bundle, slices: SliceSet, num_cases: int, device, targe
     pixel_values = torch.cat(pixels).numpy()
 
     def fit(slice_scores, positions, cases):
-        return calibrate(slice_scores, positions, pixel_values, num_cases=cases, position_bins=sc.position_bins,
+        return calibrate(slice_scores, positions, pixel_values, num_cases=cases, position_bins=sc.calibration_bins,
                          target_false_flag_rate=sc.target_false_flag_rate,
                          pixel_false_positive_rate=sc.pixel_false_positive_rate)  # fmt: skip
 

@@ -41,6 +41,7 @@ class Checkpointer:
         self.fingerprint = fingerprint
         self.resume = resume
         self.world_size = world_size
+        self._loaded: Optional[dict] = None  # read once, by position() or restore()
 
     def position(self) -> dict:
         """Where a resumed run will start ({stage, step, spent, done}); {} when starting afresh."""
@@ -48,8 +49,11 @@ class Checkpointer:
         return dict(state["where"]) if state else {}
 
     def _load(self) -> Optional[dict]:
-        if not (self.resume and self.path.is_file()):
-            return None
+        if self._loaded is None and self.resume and self.path.is_file():
+            self._loaded = self._read()
+        return self._loaded
+
+    def _read(self) -> dict:
         try:
             state = torch.load(self.path, map_location="cpu", weights_only=True)
         except Exception as exc:  # any unpickling refusal or damage
@@ -72,6 +76,7 @@ class Checkpointer:
         state = self._load()
         if state is None:
             return {}
+        self._loaded = None  # the tensors now live in the networks; later checkpoints supersede the file
         for name, net in networks.items():
             net.load_state_dict(state["networks"][name])
         for name, opt in optimizers.items():

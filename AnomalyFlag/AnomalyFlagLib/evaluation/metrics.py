@@ -472,9 +472,7 @@ def write_report_png(
 
     # --- right: score along the slices, one row per case ---
     if not shown:
-        axc = fig.add_subplot(grid[0, 1])
-        axc.axis("off")
-        axc.text(0.5, 0.5, "No per-case scores to show", ha="center", va="center")
+        empty_panel(fig, grid[0, 1], "No per-case scores to show")
     for row, case in enumerate(shown):
         axc = fig.add_subplot(grid[row, 1])
         scores, labels = case["scores"], case["labels"]
@@ -530,6 +528,13 @@ def write_report_png(
         Patch(color="tab:orange", alpha=0.25, label="True anomaly (ground truth)"),
     ]
     return finish_report_figure(fig, path, title, height, handles if shown else [], dpi, "report PNG")
+
+
+def empty_panel(fig, cell, text: str) -> None:
+    """A blank panel saying why it is empty (a report picture with no per-case rows)."""
+    ax = fig.add_subplot(cell)
+    ax.axis("off")
+    ax.text(0.5, 0.5, text, ha="center", va="center")
 
 
 def new_report_figure(rows: int, row_height: float, hspace: float, dpi: int):

@@ -38,6 +38,7 @@ from .metrics import (
     _check_same_length,
     _monai_binary_metric,
     _runs,
+    empty_panel,
     finish_report_figure,
     new_report_figure,
 )
@@ -426,9 +427,7 @@ def write_failure_png(
 
     # --- right: Dice along the slices, one row per case ---
     if not shown:
-        axc = fig.add_subplot(grid[0, 1])
-        axc.axis("off")
-        axc.text(0.5, 0.5, "No per-case slices to show", ha="center", va="center")
+        empty_panel(fig, grid[0, 1], "No per-case slices to show")
     for row, case in enumerate(shown):
         axc = fig.add_subplot(grid[row, 1])
         dice, failed, flagged = case["dice"], case["failed"], case["flagged"]

@@ -70,8 +70,10 @@ class AnomalyFlag(ScriptedLoadableModule):
         )
         self.parent.acknowledgementText = _(
             "AnomalyFlag uses PyTorch, MONAI, SimpleITK and safetensors. Its detectors follow denoising "
-            "restoration (Kascenas et al., MIDL 2022), DRAEM (Zavrtanik et al., ICCV 2021) and f-AnoGAN "
-            "(Schlegl et al., Medical Image Analysis 2019). It is a research tool, not a medical device."
+            "restoration (Kascenas et al., MIDL 2022), DRAEM (Zavrtanik et al., ICCV 2021), f-AnoGAN "
+            "(Schlegl et al., Medical Image Analysis 2019), StyleGAN2 (Karras et al., CVPR 2020), GANomaly "
+            "(Akcay et al., ACCV 2018) and Progressive GANomaly (Madzia-Madzou and Kuijf, SPIE Medical "
+            "Imaging 2022). It is a research tool, not a medical device."
         )
 
 

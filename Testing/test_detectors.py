@@ -6,10 +6,13 @@ import dataclasses
 import json
 from dataclasses import dataclass
 
+import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from AnomalyFlagLib.bundle import load_bundle
 from AnomalyFlagLib.cli import main
+from AnomalyFlagLib.data_parallel import weights_digest
 from AnomalyFlagLib.detectors import (
     BACKENDS,
     DetectorBackend,
@@ -19,8 +22,11 @@ from AnomalyFlagLib.detectors import (
     option,
     register_backend,
 )
+from AnomalyFlagLib.preprocessing import InputSpec
 from AnomalyFlagLib.results import LEADING_COLUMNS, TRAILING_COLUMNS
-from conftest import TINY_SIZE
+from AnomalyFlagLib.scoring import Scorer
+from AnomalyFlagLib.training import train
+from conftest import TINY_SIZE, tiny_configs
 
 
 @dataclass
@@ -149,7 +155,15 @@ def test_registry_refuses_incomplete_or_clashing_backends(mean_backend):
         backend_class("nope")
 
 
-@pytest.mark.parametrize("name", ["restoration", "fanogan", "normative"])
+BUILT_IN = ["restoration", "fanogan", "normative", "stylegan2", "ganomaly", "progressive-ganomaly"]
+SEED_BACKENDS = ["stylegan2", "ganomaly", "progressive-ganomaly"]
+
+
+def test_every_registered_backend_is_a_built_in_one():
+    assert sorted(BACKENDS) == sorted(BUILT_IN)
+
+
+@pytest.mark.parametrize("name", BUILT_IN)
 def test_built_in_backends_declare_the_contract(name):
     cls = backend_class(name)
     assert cls.summary and cls.components and all(c.description for c in cls.components)
@@ -161,3 +175,127 @@ def test_built_in_backends_declare_the_contract(name):
     assert stages and abs(sum(s.share for s in stages) - 1.0) < 1e-6
     for stage in stages:
         assert stage.steps_option is None or hasattr(options, stage.steps_option)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", SEED_BACKENDS)
+def test_a_seed_backend_trains_reloads_and_scores_deterministically(name, phantom_normal_dir, phantom_anomalous_dir,
+                                                                     tmp_path):  # fmt: skip
+    backend, architecture, options, preprocess = tiny_configs(name)
+    models = [train(phantom_normal_dir, tmp_path / f"m{k}", backend, architecture, options, preprocess,
+                    device="cpu", log=lambda s: None) for k in range(2)]  # fmt: skip
+    bundles = [load_bundle(m) for m in models]
+    assert isinstance(bundles[0].backend, backend_class(name))
+    digests = [weights_digest(b.backend.networks()) for b in bundles]
+    assert digests[0] == digests[1], "the same seed trains the same weights on the CPU"
+    meta = json.loads((models[0] / "metadata.json").read_text())
+    assert meta["training"]["steps"] == {
+        s.name: getattr(options, s.steps_option) for s in backend_class(name).stages(options)
+    }
+    untrained = backend_class(name)(architecture, bundles[0].backend.inputs)
+    assert weights_digest(untrained.networks()) != digests[0], "training changed the weights that were saved"
+
+    case = sorted(
+        p for p in phantom_anomalous_dir.glob("*.nrrd") if not p.name.endswith(("_anomaly.nrrd", "_organs.nrrd"))
+    )[0]
+    results = [Scorer(m, device="cpu").score(case) for m in models]
+    names = [c.name for c in backend_class(name).components]
+    for column in names + ["score", "normalised"]:
+        values = results[0].slices[column]
+        assert np.isfinite(values).all() and np.array_equal(values, results[1].slices[column]), column
+    assert np.array_equal(results[0].heatmap, results[1].heatmap)
+    assert results[0].heatmap.max() > 0
+
+
+@pytest.mark.parametrize("name", SEED_BACKENDS)
+def test_a_seed_backend_scores_each_slice_on_its_own(name):
+    """Scoring runs in evaluation mode: a slice's maps do not depend on the other slices in the batch
+    (the GANomaly reference code scores in training mode, where batch normalisation mixes them)."""
+    backend = _tiny_backend(name)
+    x, pos, body = _slices(4)
+    together = backend.maps(x, pos, body)
+    alone = backend.maps(x[1:2], pos[1:2], body[1:2])
+    for key, value in together.items():
+        assert value.shape == (4, TINY_SIZE, TINY_SIZE) and torch.isfinite(value).all()
+        assert torch.allclose(value[1:2], alone[key], atol=1e-5), key
+
+
+def test_ganomaly_latent_score_is_one_value_per_slice():
+    backend = _tiny_backend("ganomaly")
+    x, pos, body = _slices(3)
+    latent = backend.maps(x, pos, body)["latent"]
+    assert torch.equal(latent, latent[:, :1, :1].expand_as(latent)) and not torch.equal(latent[0], latent[1])
+
+
+def test_progressive_ganomaly_scores_all_patches_in_one_call_and_reassembles_them_exactly(monkeypatch):
+    backend = _tiny_backend("progressive-ganomaly")
+    arch = backend.architecture
+    x, pos, body = _slices(2)
+    calls = []
+    forward = backend.generator.forward
+    monkeypatch.setattr(backend.generator, "forward", lambda *a, **k: calls.append(a[0].shape[0]) or forward(*a, **k))
+    maps = backend.maps(x, pos, body)
+    per_side = (TINY_SIZE - arch.patch_size) // arch.patch_stride + 1
+    assert calls == [2 * per_side**2], "one batched call for every patch of the two slices"
+
+    # The same maps patch by patch: each pixel the mean over the patches that cover it.
+    p, s = arch.patch_size, arch.patch_stride
+    xw = backend.inputs.channels(x)
+    cond = backend._condition(2, TINY_SIZE, TINY_SIZE, pos)
+    latent_sum = torch.zeros(2, TINY_SIZE, TINY_SIZE)
+    cover = torch.zeros(TINY_SIZE, TINY_SIZE)
+    with torch.no_grad():
+        for top in range(0, TINY_SIZE - p + 1, s):
+            for left in range(0, TINY_SIZE - p + 1, s):
+                box = (slice(None), slice(None), slice(top, top + p), slice(left, left + p))
+                z, _, z2 = forward(xw[box], cond[box])
+                latent_sum[:, top : top + p, left : left + p] += ((z - z2) ** 2).mean(dim=1).view(2, 1, 1)
+                cover[top : top + p, left : left + p] += 1
+    assert torch.allclose(maps["latent"], latent_sum / cover, rtol=1e-4, atol=1e-6)
+
+
+def test_stylegan2_modulated_convolution_equals_modulating_the_weights():
+    from AnomalyFlagLib.detectors.stylegan2_networks import ModulatedConv2d
+
+    torch.manual_seed(0)
+    conv = ModulatedConv2d(5, 7, 3, w_dim=6)
+    x, w = torch.randn(3, 5, 9, 9), torch.randn(3, 6)
+    style = conv.affine(w)
+    weight = conv.scale * conv.weight[None] * style[:, None, :, None, None]  # (n, out, in, k, k): the paper's form
+    weight = weight * torch.rsqrt(weight.pow(2).sum(dim=(2, 3, 4), keepdim=True) + 1e-8)
+    expected = torch.cat([F.conv2d(x[i : i + 1], weight[i], padding=1) for i in range(3)])
+    assert torch.allclose(conv(x, w), expected, atol=1e-5)
+
+
+@pytest.mark.parametrize("space, distinct", [("w", False), ("w+", True)])
+def test_stylegan2_encoder_space(space, distinct):
+    backend = _tiny_backend("stylegan2", encoder_space=space)
+    torch.nn.init.normal_(backend.encoder.head.weight)  # a trained encoder: not the zero start at w_avg
+    x, pos, _ = _slices(2)
+    ws = backend.encoder(backend.inputs.channels(x), pos, backend.generator.mapping.w_avg)
+    assert ws.shape == (2, backend.generator.synthesis.num_ws, backend.architecture.latent_dim)
+    assert (not torch.allclose(ws[:, 0], ws[:, 1])) == distinct
+
+
+def test_seed_backends_offer_their_options_in_train_help(capsys):
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    out = capsys.readouterr().out
+    for flag in ("--encoder-space", "--r1-gamma", "--path-length-weight", "--latent-weight", "--reconstruction-weight",
+                 "--patch-size", "--patch-stride", "--start-size", "--grow-iterations"):  # fmt: skip
+        assert flag in out, flag
+
+
+def _tiny_backend(name, **changes):
+    _, architecture, _, preprocess = tiny_configs(name)
+    architecture = dataclasses.replace(architecture, **changes)
+    torch.manual_seed(0)
+    return backend_class(name)(architecture, InputSpec.from_config(preprocess)).eval()
+
+
+def _slices(n):
+    from AnomalyFlagLib.phantom import make_phantom
+
+    volume = make_phantom(n + 4, TINY_SIZE, (400 / TINY_SIZE, 400 / TINY_SIZE, 5.0), seed=3).image[2 : 2 + n]
+    x = torch.from_numpy(volume.astype("float32"))[:, None]
+    return x, torch.linspace(0.2, 0.8, n), torch.ones_like(x, dtype=torch.bool)

@@ -36,6 +36,7 @@ from pathlib import Path
 
 import numpy as np
 import SimpleITK as sitk
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "AnomalyFlag"))
@@ -124,12 +125,21 @@ def make_real_ct_sets(folder: Path, sample: Path, copies: int) -> dict:
             "inserted": inserted}  # fmt: skip
 
 
-def train_backend(backend: str, data: Path, out: Path, minutes: float, replay: dict, device: str) -> dict:
-    """Train one backend within the budget (or with the replayed step counts); returns its training record."""
+def train_backend(
+    backend: str, data: Path, out: Path, minutes: float, replay: dict, device: str, settings: dict
+) -> dict:
+    """Train one backend within the budget (or with the replayed step counts) with its default architecture
+    and options but for `settings` ({field: value}); returns its training record."""
     from AnomalyFlagLib.training import train
 
     cls = backend_class(backend)
     architecture, options = cls.Architecture(), cls.Options()
+    for name, value in settings.items():
+        config = architecture if hasattr(architecture, name) else options
+        if not hasattr(config, name):
+            raise SystemExit(f"--set {backend}.{name}: backend '{backend}' has no option '{name}'")
+        kind = type(getattr(config, name))
+        setattr(config, name, value.lower() in ("1", "true", "yes") if kind is bool else kind(value))
     max_minutes = minutes
     if replay:
         for stage in cls.stages(options):
@@ -141,7 +151,8 @@ def train_backend(backend: str, data: Path, out: Path, minutes: float, replay: d
           checkpoint_every=10**9)  # fmt: skip
     training = json.loads((out / "metadata.json").read_text())["training"]
     return {"steps": training["steps"], "seconds": round(time.monotonic() - started, 1),
-            "calibration_slices": training["calibration_slices"]}  # fmt: skip
+            "calibration_slices": training["calibration_slices"], "settings": settings,
+            "threads": torch.get_num_threads()}  # fmt: skip
 
 
 def _score(scorer: Scorer, path: Path):
@@ -179,8 +190,6 @@ def evaluate_phantoms(model: Path, sets: dict, device: str) -> dict:
             image, result = _score(scorer, path)
             truth = _mask(path.with_name(path.name.replace(".nrrd", "_anomaly.nrrd")))
             hu = sitk.GetArrayFromImage(image).astype(np.float32)
-            import torch
-
             body = body_mask(torch.from_numpy(hu)[:, None], body_level)[:, 0].numpy()
             pixels.add(result.heatmap.astype(np.float32) * HEATMAP_SCALE, truth, roi=body)
             has = truth.any(axis=(1, 2))
@@ -299,7 +308,16 @@ def main(argv=None) -> int:
     parser.add_argument("--data", default=str(ROOT / "data" / "quality"))
     parser.add_argument("--output", default=str(ROOT / "reports" / "quality"))
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--set", action="append", default=[], metavar="BACKEND.OPTION=VALUE",
+                        help="train BACKEND with this architecture or training option set (repeatable)")  # fmt: skip
     args = parser.parse_args(argv)
+    settings = {}
+    for item in args.set:
+        key, _, value = item.partition("=")
+        backend, _, name = key.partition(".")
+        if not (value and name):
+            parser.error(f"--set {item}: expected BACKEND.OPTION=VALUE")
+        settings.setdefault(backend, {})[name] = value
     minutes = 1.0 if args.smoke and args.minutes == 30.0 else args.minutes
     data, out = Path(args.data) / ("smoke" if args.smoke else "full"), Path(args.output)
     out.mkdir(parents=True, exist_ok=True)
@@ -318,13 +336,13 @@ def main(argv=None) -> int:
         if not args.no_phantoms:
             model = out / "models" / f"phantom_{backend}"
             res["training_phantoms"] = train_backend(
-                backend, sets["train"], model, minutes, steps["phantoms"], args.device
+                backend, sets["train"], model, minutes, steps["phantoms"], args.device, settings.get(backend, {})
             )
             res["phantoms"] = evaluate_phantoms(model, sets, args.device)
         if real:
             model = out / "models" / f"lung1_{backend}"
             res["training_real_ct"] = train_backend(
-                backend, real["train"], model, minutes, steps["real_ct"], args.device
+                backend, real["train"], model, minutes, steps["real_ct"], args.device, settings.get(backend, {})
             )
             res["real_ct"] = evaluate_real_ct(model, real, args.device)
         write_json_atomic(out / "quality.json", {"minutes": minutes, "smoke": args.smoke, "results": results}, indent=1)

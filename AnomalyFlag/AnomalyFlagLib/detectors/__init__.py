@@ -37,10 +37,15 @@ def backend_class(name: str) -> Type[DetectorBackend]:
 
 def _register_builtins() -> None:
     from .fanogan import FAnoGANBackend
+    from .ganomaly import GANomalyBackend
     from .normative import NormativeBackend
+    from .progressive_ganomaly import ProgressiveGANomalyBackend
     from .restoration import RestorationBackend
+    from .stylegan2 import StyleGAN2Backend
 
-    for cls in (RestorationBackend, FAnoGANBackend, NormativeBackend):
+    builtins = (RestorationBackend, FAnoGANBackend, NormativeBackend, StyleGAN2Backend, GANomalyBackend,
+                ProgressiveGANomalyBackend)  # fmt: skip
+    for cls in builtins:
         register_backend(cls)
 
 

@@ -120,8 +120,8 @@ class TrainingRun:
         while step < total_steps:
             elapsed = time.monotonic() - started
             fraction = step / total_steps
-            if allotted is not None:
-                fraction = max(fraction, elapsed / allotted)
+            if allotted is not None:  # a stage left no time by the ones before it is over at once
+                fraction = max(fraction, elapsed / allotted if allotted > 0 else 1.0)
             over = allotted is not None and elapsed >= allotted
             cancelled = step > 0 and self.cancel()  # asked after each step, as the checkpoint below is
             fraction, over, cancelled = self.parallel.agree(fraction, over, cancelled)

@@ -8,12 +8,12 @@ from dataclasses import dataclass
 from typing import Dict
 
 import torch
-import torch.nn.functional as F
 
 from ..config import expect
 from .augment import augment_batch
 from .base import DetectorBackend, ScoreComponent, TrainingData, TrainingRun, TrainingStage, option
-from .fanogan_networks import FAnoGANArchitecture, build_networks
+from .dcgan_networks import Critic, DCGANArchitecture, Encoder, Generator, Shape, validate_size
+from .izif import residual_maps, train_izif_encoder
 
 
 @dataclass
@@ -38,7 +38,7 @@ class FAnoGANOptions:
 class FAnoGANBackend(DetectorBackend):
     name = "fanogan"
     summary = "f-AnoGAN: WGAN-GP generator and critic, then an izif encoder (reconstruction through a latent code)"
-    Architecture = FAnoGANArchitecture
+    Architecture = DCGANArchitecture
     Options = FAnoGANOptions
     components = (
         ScoreComponent("reconstruction", "residual |x - G(E(x))|, normalised by normal slices"),
@@ -48,20 +48,19 @@ class FAnoGANBackend(DetectorBackend):
     @classmethod
     def tiny(cls):
         return (
-            FAnoGANArchitecture(latent_dim=32, base_width=8, max_width=32),
+            DCGANArchitecture(latent_dim=32, base_width=8, max_width=32),
             FAnoGANOptions(batch_size=16, gan_iterations=20, encoder_iterations=20, critic_steps=2),
         )
 
     @classmethod
     def validate(cls, architecture, inputs):
-        size = inputs.image_size
-        if size < 64 or size % 16:
-            raise ValueError(f"f-AnoGAN needs an image size that is a multiple of 16 from 64 to 512, not {size}")
+        validate_size("f-AnoGAN", inputs.image_size)
 
-    def __init__(self, architecture: FAnoGANArchitecture, inputs):
+    def __init__(self, architecture: DCGANArchitecture, inputs):
         super().__init__(architecture, inputs)
-        nets = build_networks(architecture, inputs.image_size, inputs.num_channels)
-        self.generator, self.critic, self.encoder = nets["generator"], nets["critic"], nets["encoder"]
+        shape = Shape(architecture, inputs.image_size, inputs.num_channels)
+        self.generator, self.critic, self.encoder = Generator(shape), Critic(shape), Encoder(shape)
+        self.eval()
 
     def networks(self):
         return {"generator": self.generator, "critic": self.critic, "encoder": self.encoder}
@@ -80,10 +79,8 @@ class FAnoGANBackend(DetectorBackend):
     def maps(self, x, pos, body) -> Dict[str, torch.Tensor]:
         x = self.inputs.channels(x)
         recon = self.generator(self.encoder(x, pos), pos).float()
-        fx = self.critic.feature_map(x, pos).float()
-        fr = self.critic.feature_map(recon.to(x.dtype), pos).float()
-        feature = F.interpolate(((fx - fr) ** 2).mean(dim=1, keepdim=True), size=x.shape[-2:], mode="bilinear")
-        return {"reconstruction": (x.float() - recon).abs().mean(dim=1), "feature": feature[:, 0]}
+        fx, fr = self.critic.feature_map(x, pos), self.critic.feature_map(recon.to(x.dtype), pos)
+        return residual_maps(x, recon, fx, fr)
 
     def fit(self, data: TrainingData, options: FAnoGANOptions, run: TrainingRun) -> None:
         gen, device = run.generator, run.device
@@ -123,29 +120,14 @@ class FAnoGANBackend(DetectorBackend):
             opt_g.step()
             return {"critic_loss": loss_d.item(), "generator_loss": loss_g.item()}
 
-        def encoder_step(step, fraction):
-            x, pos = batch()
-            recon = self.generator(self.encoder(x, pos), pos)
-            loss_img = F.mse_loss(recon, x)
-            loss_feat = F.mse_loss(self.critic.features(recon, pos), self.critic.features(x, pos))
-            loss_e = loss_img + options.kappa * loss_feat
-            opt_e.zero_grad(set_to_none=True)
-            loss_e.backward()
-            opt_e.step()
-            return {"image_loss": loss_img.item(), "feature_loss": loss_feat.item()}
-
         run.run_stage(gan_stage, options.gan_iterations, gan_step, nets, optimizers)
-        self.generator.eval()
-        self.critic.eval()
-        frozen = list(self.generator.parameters()) + list(self.critic.parameters())
-        for p in frozen:
-            p.requires_grad_(False)
-        self.encoder.train()
         try:
-            run.run_stage(encoder_stage, options.encoder_iterations, encoder_step, nets, optimizers)
+            train_izif_encoder(
+                run, encoder_stage, options.encoder_iterations, self.encoder, opt_e, (self.generator, self.critic),
+                batch, lambda x, pos: self.generator(self.encoder(x, pos), pos), self.critic.features, options.kappa,
+                nets, optimizers,
+            )  # fmt: skip
         finally:
-            for p in frozen:
-                p.requires_grad_(True)
             self.eval()
 
     def _gradient_penalty(self, real, fake, pos, gen):

@@ -24,6 +24,7 @@ from ..config import expect
 from .augment import augment_batch
 from .base import DetectorBackend, ScoreComponent, TrainingData, TrainingRun, TrainingStage, option
 from .corruptions import corrupt
+from .izif import residual_maps
 from .restoration_networks import PatchCritic, UNet, UNetDecoder, UNetEncoder, conditioning, widths_for
 
 CONDITION_CHANNELS = 3  # position plane, y and x coordinates
@@ -140,13 +141,7 @@ class RestorationBackend(DetectorBackend):
         logits = self._segment(xw, restored, cond)
         _, fx = self.critic(torch.cat([xw, cond], dim=1))
         _, fr = self.critic(torch.cat([restored.to(xw.dtype), cond], dim=1))
-        feature = F.interpolate(((fx.float() - fr.float()) ** 2).mean(dim=1, keepdim=True), size=xw.shape[-2:],
-                                mode="bilinear")  # fmt: skip
-        return {
-            "reconstruction": (xw.float() - restored.float()).abs().mean(dim=1),
-            "feature": feature[:, 0],
-            "discriminative": torch.sigmoid(logits.float())[:, 0],
-        }
+        return {**residual_maps(xw, restored, fx, fr), "discriminative": torch.sigmoid(logits.float())[:, 0]}
 
     def fit(self, data: TrainingData, options: RestorationOptions, run: TrainingRun) -> None:
         gen, device, spec = run.generator, run.device, self.inputs

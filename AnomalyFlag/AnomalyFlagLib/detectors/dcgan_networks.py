@@ -1,5 +1,5 @@
-"""f-AnoGAN networks built from MONAI convolution blocks: generator G(z, pos), critic D(x, pos) with an
-intermediate feature layer f(x), and encoder E(x, pos) -> z.
+"""DCGAN networks built from MONAI convolution blocks, shared by f-AnoGAN and GANomaly: generator
+G(z, pos), critic D(x, pos) with an intermediate feature layer f(x), and encoder E(x, pos) -> z.
 
 Images have one channel per intensity window. The relative slice position pos in [0, 1] enters G as an
 extra latent coordinate and D/E as an extra constant input channel; with conditioning switched off it is
@@ -20,8 +20,8 @@ MAX_LATENT = 1024
 
 
 @dataclass
-class FAnoGANArchitecture:
-    """Sizes of the f-AnoGAN networks (the image size and channels come from the preprocessing)."""
+class DCGANArchitecture:
+    """Sizes of the DCGAN networks (the image size and channels come from the preprocessing)."""
 
     latent_dim: int = option(128, "size of the latent space")
     base_width: int = option(16, "channels of the first critic/encoder convolution")
@@ -36,10 +36,10 @@ class FAnoGANArchitecture:
 
 
 @dataclass
-class _Shape:
+class Shape:
     """An architecture bound to an image size and channel count."""
 
-    arch: FAnoGANArchitecture
+    arch: DCGANArchitecture
     image_size: int
     channels: int
 
@@ -64,15 +64,15 @@ class _Shape:
 LEAKY = ("leakyrelu", {"negative_slope": 0.2, "inplace": True})
 
 
-def _position_channel(x: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+def position_channel(x: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
     plane = (pos.to(x.dtype) * 2 - 1).view(-1, 1, 1, 1).expand(-1, 1, x.shape[2], x.shape[3])
     return torch.cat([x, plane], dim=1)
 
 
-class _DownTrunk(nn.Module):
+class DownTrunk(nn.Module):
     """Stride-2 4x4 convolutions from image_size down to 4x4 (shared shape of critic and encoder)."""
 
-    def __init__(self, config: _Shape, norm):
+    def __init__(self, config: Shape, norm):
         super().__init__()
         in_ch = config.channels + int(config.arch.condition_on_position)
         layers = []
@@ -101,17 +101,17 @@ class _DownTrunk(nn.Module):
 class Critic(nn.Module):
     """WGAN critic; `features` is the last convolutional map, used for feature matching."""
 
-    def __init__(self, config: _Shape):
+    def __init__(self, config: Shape):
         super().__init__()
         self.condition = config.arch.condition_on_position
         # No batch statistics in the critic: the gradient penalty is computed per sample.
-        self.trunk = _DownTrunk(config, norm=("instance", {"affine": True}))
+        self.trunk = DownTrunk(config, norm=("instance", {"affine": True}))
         self.head = nn.Linear(self.trunk.out_features, 1)
 
     def feature_map(self, x, pos):
         """The last convolutional map (n, C, b, b) at the bottleneck: the feature layer f."""
         if self.condition:
-            x = _position_channel(x, pos)
+            x = position_channel(x, pos)
         return self.trunk(x)
 
     def features(self, x, pos):
@@ -122,24 +122,26 @@ class Critic(nn.Module):
 
 
 class Encoder(nn.Module):
-    """Maps a slice to the generator's latent space (bounded by tanh like the uniform prior)."""
+    """Maps a slice to the generator's latent space (`bounded`: by tanh, like f-AnoGAN's uniform prior)."""
 
-    def __init__(self, config: _Shape):
+    def __init__(self, config: Shape, bounded: bool = True):
         super().__init__()
         self.condition = config.arch.condition_on_position
-        self.trunk = _DownTrunk(config, norm=("batch", {}))
+        self.bounded = bounded
+        self.trunk = DownTrunk(config, norm=("batch", {}))
         self.head = nn.Linear(self.trunk.out_features, config.arch.latent_dim)
 
     def forward(self, x, pos):
         if self.condition:
-            x = _position_channel(x, pos)
-        return torch.tanh(self.head(self.trunk(x).flatten(1)))
+            x = position_channel(x, pos)
+        z = self.head(self.trunk(x).flatten(1))
+        return torch.tanh(z) if self.bounded else z
 
 
 class Generator(nn.Module):
     """Transposed-convolution generator from (z, pos) to a slice in [-1, 1]."""
 
-    def __init__(self, config: _Shape):
+    def __init__(self, config: Shape):
         super().__init__()
         self.condition = config.arch.condition_on_position
         widths = config.widths()
@@ -179,10 +181,6 @@ class Generator(nn.Module):
         return self.layers(self.project_norm(x))
 
 
-def build_networks(arch: FAnoGANArchitecture, image_size: int, channels: int):
-    """The three networks of one detector, in evaluation mode."""
-    config = _Shape(arch, image_size, channels)
-    nets = {"generator": Generator(config), "critic": Critic(config), "encoder": Encoder(config)}
-    for net in nets.values():
-        net.eval()
-    return nets
+def validate_size(backend: str, image_size: int) -> None:
+    if image_size < 64 or image_size % 16:
+        raise ValueError(f"{backend} needs an image size that is a multiple of 16 from 64 to 512, not {image_size}")

@@ -269,6 +269,7 @@ REVIEW_WIDGETS = {
     "recontourSliceButton": "QPushButton",
     "finishRecontourButton": "QPushButton",
     "skipSliceButton": "QPushButton",
+    "abnormalSliceButton": "QPushButton",
     "undoDecisionButton": "QPushButton",
     "reviewNoteLineEdit": "QLineEdit",
     "decisionsTableView": "qMRMLTableView",
@@ -281,6 +282,7 @@ BUTTON_SLOTS = {
     "recontourSliceButton": "onRecontourSlice",
     "finishRecontourButton": "onFinishRecontour",
     "skipSliceButton": "onSkipSlice",
+    "abnormalSliceButton": "onAbnormalSlice",
     "undoDecisionButton": "onUndoDecision",
 }
 PANEL_BUTTON_SLOTS = {
@@ -291,7 +293,7 @@ PANEL_BUTTON_SLOTS = {
     "previousFlaggedButton": "onPreviousFlagged",
     "nextFlaggedButton": "onNextFlagged",
 }
-SHORTCUTS = {"A": "onAcceptSlice", "R": "onRecontourSlice", "S": "onSkipSlice"}
+SHORTCUTS = {"A": "onAcceptSlice", "R": "onRecontourSlice", "S": "onSkipSlice", "X": "onAbnormalSlice"}
 
 
 def review_section_widgets(ui_text):
@@ -548,6 +550,10 @@ def test_review_section_connects_its_buttons_and_keys_and_drives_a_review(review
     assert controller.reviewQueue()[1]["decision"] == "skipped" and ui.undoDecisionButton.enabled
     section.onUndoDecision()
     assert controller.reviewQueue()[1]["decision"] is None and sliceOfItem(listWidget.currentItem()) == second
+    section.onAbnormalSlice()
+    assert controller.reviewQueue()[1]["decision"] == "abnormal" and ui.abnormalSliceButton.enabled
+    assert "confirmed abnormal" in listWidget.rows[1].text
+    section.onUndoDecision()
 
     # a decision that cannot be saved is shown and records nothing
     controller.reviewSession.lock_path.unlink()

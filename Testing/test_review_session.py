@@ -259,6 +259,26 @@ def test_truncated_and_newer_sidecars_are_refused_and_kept(case_dir):
         _refused(case_dir, "'sessions'")
 
 
+def test_confirmed_abnormal_is_a_decision_and_a_version_1_sidecar_is_upgraded(case_dir):
+    with ReviewSession.open(case_dir, "case1", "ann") as s:
+        s.decide(31, "accepted")
+    path = CaseFiles(case_dir, "case1").sidecar
+    data = json.loads(path.read_text())
+    assert data["format_version"] == 2
+    data["format_version"] = 1  # as AnomalyFlag wrote it before "abnormal" existed
+    path.write_text(json.dumps(data))
+    with ReviewSession.open(case_dir, "case1", "bob") as s:
+        assert s.decisions[31]["decision"] == "accepted", "a version 1 sidecar reads as it was"
+        pending = s.next_pending()["slice"]
+        record = s.decide(pending, "abnormal", note="lesion in segment 7")
+        assert record["decision"] == "abnormal" and record["reviewer"] == "bob"
+        assert s.progress()[0] == 2, "a confirmed abnormal slice counts as reviewed"
+    saved = json.loads(path.read_text())
+    assert saved["format_version"] == 2 and saved["decisions"][-1]["decision"] == "abnormal"
+    with ReviewSession.open(case_dir, "case1", "ann") as s:
+        assert s.decisions[pending]["note"] == "lesion in segment 7"
+
+
 # ---------------------------------------------------------------------------------------------------
 # One writer at a time
 

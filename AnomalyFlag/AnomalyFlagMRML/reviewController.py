@@ -195,7 +195,8 @@ class ReviewController:
 
     def reviewQueue(self) -> list:
         """Flagged slices of the open review in review order, each a dict: slice, score (normalised),
-        anomalyFraction, decision ("accepted", "recontoured", "skipped" or None), note, change, label."""
+        anomalyFraction, decision ("accepted", "recontoured", "skipped", "abnormal" or None), note, change,
+        label."""
         session = self._requireReview()["session"]
         decided = session.decisions
         out = []
@@ -231,7 +232,8 @@ class ReviewController:
     @staticmethod
     def queueItemText(item) -> str:
         """One line of the review list for a reviewQueue() item: slice, score, decision, the change made."""
-        decisions = {"accepted": _("accepted"), "recontoured": _("recontoured"), "skipped": _("skipped")}
+        decisions = {"accepted": _("accepted"), "recontoured": _("recontoured"), "skipped": _("skipped"),
+                     "abnormal": _("confirmed abnormal")}  # fmt: skip
         score = item["score"]
         text = _("Slice {index}    score {score}    {decision}").format(
             index=item["slice"], score="?" if score is None else f"{float(score):.2f}",
@@ -271,6 +273,10 @@ class ReviewController:
     def skipSlice(self, sliceIndex, note="") -> dict:
         """Record that `sliceIndex` was looked at but not decided on; returns the decision record."""
         return self._decide(sliceIndex, "skipped", note)
+
+    def confirmAbnormal(self, sliceIndex, note="") -> dict:
+        """Record that `sliceIndex` shows an abnormality (the flag was right); returns the decision record."""
+        return self._decide(sliceIndex, "abnormal", note)
 
     def undoLastDecision(self):
         """Withdraw the most recent decision of the open review; returns it, or None."""

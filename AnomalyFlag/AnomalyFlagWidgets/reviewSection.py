@@ -11,7 +11,7 @@ from AnomalyFlagMRML.review import prepareSegmentEditorNode
 
 from .sliceList import fillSliceList, selectSlice, sliceOfItem
 
-SHORTCUTS = (("A", "onAcceptSlice"), ("R", "onRecontourSlice"), ("S", "onSkipSlice"))
+SHORTCUTS = (("A", "onAcceptSlice"), ("R", "onRecontourSlice"), ("S", "onSkipSlice"), ("X", "onAbnormalSlice"))
 """Keys of the review, active while the panel is shown (a line edit with focus keeps its letters)."""
 
 
@@ -47,6 +47,7 @@ class ReviewSection:
         self.ui.acceptSliceButton.connect("clicked(bool)", self.onAcceptSlice)
         self.ui.recontourSliceButton.connect("clicked(bool)", self.onRecontourSlice)
         self.ui.skipSliceButton.connect("clicked(bool)", self.onSkipSlice)
+        self.ui.abnormalSliceButton.connect("clicked(bool)", self.onAbnormalSlice)
         self.ui.finishRecontourButton.connect("clicked(bool)", self.onFinishRecontour)
         self.ui.undoDecisionButton.connect("clicked(bool)", self.onUndoDecision)
         self._shortcuts = []
@@ -85,6 +86,7 @@ class ReviewSection:
         hasSlice = self._selectedSlice() is not None
         self.ui.acceptSliceButton.enabled = hasSlice
         self.ui.skipSliceButton.enabled = hasSlice
+        self.ui.abnormalSliceButton.enabled = hasSlice
         self.ui.recontourSliceButton.enabled = hasSlice and bool(review.reviewCase.get("segmentation"))
         self.ui.finishRecontourButton.enabled = session is not None and bool(review.recontouringSlices())
         self.ui.undoDecisionButton.enabled = session is not None and bool(session.history)
@@ -167,6 +169,9 @@ class ReviewSection:
 
     def onSkipSlice(self) -> None:
         self._decideSelected(self.review.skipSlice)
+
+    def onAbnormalSlice(self) -> None:
+        self._decideSelected(self.review.confirmAbnormal)
 
     def onUndoDecision(self) -> None:
         with slicer.util.tryWithErrorDisplay(_("The decision could not be withdrawn.")):

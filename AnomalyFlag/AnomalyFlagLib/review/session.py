@@ -1,4 +1,6 @@
-"""Review sessions: a reviewer steps through a case's flagged slices and accepts, recontours or skips each.
+"""Review sessions: a reviewer steps through a case's flagged slices and accepts, recontours or skips each,
+or confirms it abnormal (the flag was right: the slice shows an abnormality; such slices are the labelled
+abnormal examples that class-supervised detectors learn from).
 
 A session lives in a sidecar JSON `<case>_review.json` next to the case's scoring outputs
 (`<case>_slices.csv`, `<case>_summary.json`). It is rewritten atomically after every decision (temporary
@@ -30,13 +32,13 @@ from .lock import acquire_lock, describe_holder, read_lock, release_lock, utc_no
 logger = logging.getLogger(__name__)
 
 FORMAT = "anomalyflag-review"
-FORMAT_VERSION = 1
-DECISIONS = ("accepted", "recontoured", "skipped")
+FORMAT_VERSION = 2  # 2 added the "abnormal" decision; version 1 sidecars are read and saved as 2
+DECISIONS = ("accepted", "recontoured", "skipped", "abnormal")
 ORDERS = ("normalised", "roi", "auto")
 CHANGE_KEYS = ("dice", "changed_voxels", "original_voxels", "edited_voxels")
 SIDECAR_FORMAT = """\
 {
-  "format": "anomalyflag-review",   "format_version": 1,
+  "format": "anomalyflag-review",   "format_version": 2,
   "case": "<case>",
   "created": "<UTC ISO time>",      "updated": "<UTC ISO time>",
   "model": {"name": "...", "fingerprint": "<bundle fingerprint from the summary>"},
@@ -50,7 +52,7 @@ SIDECAR_FORMAT = """\
   "original_segmentation": "<path or null>",
   "order": "normalised" | "roi",
   "queue": [{"slice": k, "normalised": s, "anomaly_fraction": f | null, "z_mm": z}, ...],
-  "decisions": [{"slice": k, "decision": "accepted" | "recontoured" | "skipped", "reviewer": "...",
+  "decisions": [{"slice": k, "decision": "accepted" | "recontoured" | "skipped" | "abnormal", "reviewer": "...",
                  "time": "<UTC ISO time>", "note": "...",
                  "change": {"dice": d, "changed_voxels": c, "original_voxels": o, "edited_voxels": e} | null,
                  "label": "<edited label version, relative to the sidecar's folder> | null"}, ...],
@@ -576,6 +578,7 @@ class ReviewSession:
                 f"the review lock '{self.lock_path}' of case '{self.case}' was removed or taken over by "
                 f"{describe_holder(holder) if holder else 'nobody'}; this change was not saved."
             )
+        data = {**data, "format_version": FORMAT_VERSION}
         try:
             write_json_durably(self.sidecar_path, data)
         except (OSError, ValueError) as exc:

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import pytest
+import SimpleITK as sitk
 import torch
 import torch.nn.functional as F
 from AnomalyFlagLib.bundle import load_bundle
@@ -17,6 +18,7 @@ from AnomalyFlagLib.detectors import (
     BACKENDS,
     DetectorBackend,
     ScoreComponent,
+    TrainingRun,
     TrainingStage,
     backend_class,
     option,
@@ -26,7 +28,7 @@ from AnomalyFlagLib.preprocessing import InputSpec
 from AnomalyFlagLib.results import LEADING_COLUMNS, TRAILING_COLUMNS
 from AnomalyFlagLib.scoring import Scorer
 from AnomalyFlagLib.training import train
-from conftest import TINY_SIZE, tiny_configs
+from conftest import TINY_SIZE, TINY_SLICES, tiny_configs
 
 
 @dataclass
@@ -155,8 +157,9 @@ def test_registry_refuses_incomplete_or_clashing_backends(mean_backend):
         backend_class("nope")
 
 
-BUILT_IN = ["restoration", "fanogan", "normative", "stylegan2", "ganomaly", "progressive-ganomaly"]
-SEED_BACKENDS = ["stylegan2", "ganomaly", "progressive-ganomaly"]
+BUILT_IN = ["restoration", "fanogan", "normative", "stylegan2", "ganomaly", "progressive-ganomaly", "ascnet",
+            "descargan"]  # fmt: skip
+SEED_BACKENDS = ["stylegan2", "ganomaly", "progressive-ganomaly", "ascnet", "descargan"]
 
 
 def test_every_registered_backend_is_a_built_in_one():
@@ -182,8 +185,9 @@ def test_built_in_backends_declare_the_contract(name):
 def test_a_seed_backend_trains_reloads_and_scores_deterministically(name, phantom_normal_dir, phantom_anomalous_dir,
                                                                      tmp_path):  # fmt: skip
     backend, architecture, options, preprocess = tiny_configs(name)
+    extra = {t.name: phantom_anomalous_dir for t in backend_class(name).training_inputs}
     models = [train(phantom_normal_dir, tmp_path / f"m{k}", backend, architecture, options, preprocess,
-                    device="cpu", log=lambda s: None) for k in range(2)]  # fmt: skip
+                    device="cpu", log=lambda s: None, extra_inputs=extra) for k in range(2)]  # fmt: skip
     bundles = [load_bundle(m) for m in models]
     assert isinstance(bundles[0].backend, backend_class(name))
     digests = [weights_digest(b.backend.networks()) for b in bundles]
@@ -195,9 +199,7 @@ def test_a_seed_backend_trains_reloads_and_scores_deterministically(name, phanto
     untrained = backend_class(name)(architecture, bundles[0].backend.inputs)
     assert weights_digest(untrained.networks()) != digests[0], "training changed the weights that were saved"
 
-    case = sorted(
-        p for p in phantom_anomalous_dir.glob("*.nrrd") if not p.name.endswith(("_anomaly.nrrd", "_organs.nrrd"))
-    )[0]
+    case = _scans(phantom_anomalous_dir)[0]
     results = [Scorer(m, device="cpu").score(case) for m in models]
     names = [c.name for c in backend_class(name).components]
     for column in names + ["score", "normalised"]:
@@ -286,6 +288,10 @@ def test_seed_backends_offer_their_options_in_train_help(capsys):
         assert flag in out, flag
 
 
+def _scans(folder):
+    return sorted(p for p in folder.glob("*.nrrd") if not p.name.endswith(("_anomaly.nrrd", "_organs.nrrd")))
+
+
 def _tiny_backend(name, **changes):
     _, architecture, _, preprocess = tiny_configs(name)
     architecture = dataclasses.replace(architecture, **changes)
@@ -299,3 +305,69 @@ def _slices(n):
     volume = make_phantom(n + 4, TINY_SIZE, (400 / TINY_SIZE, 400 / TINY_SIZE, 5.0), seed=3).image[2 : 2 + n]
     x = torch.from_numpy(volume.astype("float32"))[:, None]
     return x, torch.linspace(0.2, 0.8, n), torch.ones_like(x, dtype=torch.bool)
+
+
+@pytest.mark.parametrize("name, flag", [("ascnet", "--unlabelled"), ("descargan", "--patients")])
+def test_a_backend_refuses_to_train_without_its_other_input_or_with_one_it_does_not_take(
+    name, flag, phantom_normal_dir, phantom_anomalous_dir, tmp_path, capsys
+):
+    args = ["train", "--backend", name, "--input", str(phantom_normal_dir), "--output", str(tmp_path / "m"),
+            "--image-size", str(TINY_SIZE), "--fov-mm", "0", "--device", "cpu"]  # fmt: skip
+    assert main(args) != 0
+    err = capsys.readouterr().err
+    assert f"backend '{name}' also trains on {flag}" in err and not (tmp_path / "m").exists()
+    other = "--patients" if flag == "--unlabelled" else "--unlabelled"
+    assert main(args + [flag, str(phantom_anomalous_dir), other, str(phantom_anomalous_dir)]) != 0
+    assert f"backend '{name}' does not take {other}" in capsys.readouterr().err
+
+
+def test_patients_are_the_slices_a_reviewer_confirmed_abnormal(flagging_model, phantom_anomalous_dir, tmp_path):
+    from AnomalyFlagLib.errors import InputError
+    from AnomalyFlagLib.review.session import ReviewSession
+    from AnomalyFlagLib.training_slices import load_training_input
+
+    case = _scans(phantom_anomalous_dir)[0]
+    scored = tmp_path / "scored"
+    assert main(["score", "--model", str(flagging_model), "--input", str(case), "--output", str(scored), "--device",
+                 "cpu"]) == 0  # fmt: skip
+    preprocess = load_bundle(flagging_model).preprocess
+    name = case.name[: -len(".nrrd")]
+    with ReviewSession.open(scored, name, "ann") as session:
+        queue = [q["slice"] for q in session.queue]
+        session.decide(queue[0], "accepted")
+    with pytest.raises(InputError, match="confirmed abnormal"):
+        load_training_input("patients", scored, preprocess)
+    with ReviewSession.open(scored, name, "ann") as session:
+        session.decide(queue[0], "abnormal")
+        session.decide(queue[-1], "abnormal")
+    patients = load_training_input("patients", scored, preprocess)
+    assert sorted(patients.slice_index.tolist()) == sorted({queue[0], queue[-1]})
+
+    # A folder of abnormal scans: the slices their anomaly masks mark.
+    from_masks = load_training_input("patients", phantom_anomalous_dir, preprocess)
+    marked = sum(int(sitk.GetArrayFromImage(sitk.ReadImage(str(m))).any(axis=(1, 2)).sum())
+                 for m in phantom_anomalous_dir.glob("*_anomaly.nrrd"))  # fmt: skip
+    assert len(from_masks) == marked > 0
+    unlabelled = load_training_input("unlabelled", phantom_anomalous_dir, preprocess)
+    assert len(unlabelled) == 2 * TINY_SLICES, "unlabelled scans: every slice, masks ignored"
+
+
+def test_a_stage_ends_when_the_backend_reports_convergence():
+    from AnomalyFlagLib.detectors.ascnet import StoppingRule
+
+    rule = StoppingRule()
+    assert [rule.update(v, patience=2) for v in (3.0, 2.0, 2.5, 2.1, 1.0, 1.5, 1.5)] == [
+        False, False, False, True, False, False, True
+    ]  # fmt: skip
+
+    class Nowhere:
+        def restore(self, *a):
+            return {}
+
+        def save(self, *a):
+            pass
+
+    run = TrainingRun(torch.device("cpu"), 0, Nowhere(), lambda *a: None, lambda: False)
+    seen = []
+    run.run_stage(TrainingStage("s", "s"), 10, lambda k, f: seen.append(k) or {"converged": float(k == 3)}, {}, {})
+    assert seen == [0, 1, 2, 3] and run.steps_done == {"s": 4}

@@ -94,6 +94,55 @@ def make_phantom_sets(folder: Path, smoke: bool) -> dict:
     return sets
 
 
+PATIENT_RADIUS_MM = {"hypodense_lesion": (3.0, 20.0), "hyperdense_lesion": (3.0, 20.0), "metal_stent": (1.0, 4.0),
+                     "fluid": (1.0, 12.0)}  # fmt: skip
+PATIENT_KIND_SHARES = {"hypodense_lesion": 0.4, "hyperdense_lesion": 0.2, "metal_stent": 0.2, "fluid": 0.2}
+
+
+def make_extra_sets(folder: Path, smoke: bool) -> dict:
+    """The training inputs besides the normal scans that some backends take (written once, reused):
+
+    - `unlabelled`: the test set's unlabelled training counterpart: new subjects, normal and with one
+      anomaly each in the test's proportions and clinical sizes (8 normal, 4 per type; masks not used);
+    - `patients`: labelled abnormal subjects with another seed and another anomaly mix than the test:
+      two anomalies each, the type drawn with PATIENT_KIND_SHARES, sizes from PATIENT_RADIUS_MM (wider
+      than the test's); their anomaly masks mark the abnormal slices (16 subjects)."""
+    size, slices = (128, 24) if smoke else (256, 48)
+    spacing = (1.5 * 256 / size, 1.5 * 256 / size, 5.0 * 48 / slices)
+    sets = {"unlabelled": folder / "unlabelled", "patients": folder / "patients"}
+    done = folder / "extra_complete.json"
+    if done.is_file():
+        return sets
+    for path in sets.values():
+        if path.exists():
+            shutil.rmtree(path)
+    normal, per_kind, patients = (2, 1, 4) if smoke else (8, 4, 16)
+    rng = np.random.default_rng(5000)
+    for i in range(normal):
+        make_phantom(slices, size, spacing, seed=int(rng.integers(2**31))).save(
+            sets["unlabelled"], f"unlabelled_n{i:03d}"
+        )
+    for kind in ANOMALY_KINDS:
+        for i in range(per_kind):
+            spec = clinic_anomaly(kind, rng)
+            phantom = make_phantom(slices, size, spacing, seed=int(rng.integers(2**31)), anomalies=[spec])
+            phantom.save(sets["unlabelled"], f"unlabelled_{KIND_LABELS[kind]}_{i:03d}")
+    rng = np.random.default_rng(6000)
+    kinds, shares = list(PATIENT_KIND_SHARES), list(PATIENT_KIND_SHARES.values())
+    for i in range(patients):
+        specs = []
+        for kind in rng.choice(kinds, size=2, p=shares):
+            spec = {"kind": str(kind), "radius_mm": float(rng.uniform(*PATIENT_RADIUS_MM[kind]))}
+            if kind in ("hypodense_lesion", "hyperdense_lesion"):
+                spec["region"] = str(rng.choice(["liver", "spleen", "kidney_left", "kidney_right"]))
+            specs.append(spec)
+        make_phantom(slices, size, spacing, seed=int(rng.integers(2**31)), anomalies=specs).save(
+            sets["patients"], f"patient_{i:03d}"
+        )
+    write_json_atomic(done, {"normal": normal, "per_kind": per_kind, "patients": patients}, indent=None)
+    return sets
+
+
 def make_real_ct_sets(folder: Path, sample: Path, copies: int) -> dict:
     """lung1 (training, with its tumour label so those slices are left out) and lung2 with inserted copies."""
     from fetch_sample_data import fetch_pyradiomics_data
@@ -126,7 +175,7 @@ def make_real_ct_sets(folder: Path, sample: Path, copies: int) -> dict:
 
 
 def train_backend(
-    backend: str, data: Path, out: Path, minutes: float, replay: dict, device: str, settings: dict
+    backend: str, data: Path, out: Path, minutes: float, replay: dict, device: str, settings: dict, extra=None
 ) -> dict:
     """Train one backend within the budget (or with the replayed step counts) with its default architecture
     and options but for `settings` ({field: value}); returns its training record."""
@@ -148,10 +197,11 @@ def train_backend(
         max_minutes = None
     started = time.monotonic()
     train(data, out, backend, architecture, options, max_minutes=max_minutes, device=device, log=print,
-          checkpoint_every=10**9)  # fmt: skip
+          checkpoint_every=10**9, extra_inputs=extra)  # fmt: skip
     training = json.loads((out / "metadata.json").read_text())["training"]
     return {"steps": training["steps"], "seconds": round(time.monotonic() - started, 1),
             "calibration_slices": training["calibration_slices"], "settings": settings,
+            "extra_inputs": training.get("extra_inputs", {}),
             "threads": torch.get_num_threads()}  # fmt: skip
 
 
@@ -290,7 +340,9 @@ def markdown(results: dict) -> str:
             lines.append(f"| {backend} | {KIND_LABELS[kind]} | {f(t['slice_auroc'])} | {f(t['slice_auprc'])} | "
                          f"{f(t['pixel_auroc'])} | {f(t['sensitivity'])} | {f(ph['false_flag_rate'])} |")  # fmt: skip
         real = res.get("real_ct")
-        if real:
+        if real and "not_run" in real:
+            lines.append(f"| {backend} | real CT: not run ({real['not_run']}) | | | | | |")
+        elif real:
             ins = ", ".join(f"{KIND_LABELS[k]} {f(v['above_unmodified'])}" for k, v in real["inserted"].items())
             lines.append(f"| {backend} | real CT: lung2 tumour AUROC {f(real['tumour_auroc'])}; inserted above "
                          f"unmodified: {ins} | | | | | {f(real['false_flag_rate_lung2_normal_slices'])} |")  # fmt: skip
@@ -333,13 +385,18 @@ def main(argv=None) -> int:
     for backend in args.backends.split(","):
         res = results[backend] = {}
         steps = {key: replay.get(backend, {}).get(key, {}).get("steps") for key in ("phantoms", "real_ct")}
+        needs = [t.name for t in backend_class(backend).training_inputs]
         if not args.no_phantoms:
+            extra = make_extra_sets(data / "phantoms_extra", args.smoke) if needs else {}
             model = out / "models" / f"phantom_{backend}"
             res["training_phantoms"] = train_backend(
-                backend, sets["train"], model, minutes, steps["phantoms"], args.device, settings.get(backend, {})
-            )
+                backend, sets["train"], model, minutes, steps["phantoms"], args.device, settings.get(backend, {}),
+                {name: extra[name] for name in needs},
+            )  # fmt: skip
             res["phantoms"] = evaluate_phantoms(model, sets, args.device)
-        if real:
+        if real and needs:  # the only other real scan is the test patient
+            res["real_ct"] = {"not_run": f"no real scans for --{', --'.join(needs)} besides the test patient lung2"}
+        elif real:
             model = out / "models" / f"lung1_{backend}"
             res["training_real_ct"] = train_backend(
                 backend, real["train"], model, minutes, steps["real_ct"], args.device, settings.get(backend, {})

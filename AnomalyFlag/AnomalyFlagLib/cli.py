@@ -95,7 +95,7 @@ def _parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     from .cli_options import backends_help
-    from .detectors import BACKENDS, DEFAULT_BACKEND
+    from .detectors import BACKENDS, DEFAULT_BACKEND, TRAINING_INPUTS
 
     p = sub.add_parser(
         "train",
@@ -113,6 +113,9 @@ def _parser() -> argparse.ArgumentParser:
         "(or <case>.seg.nrrd) segmentation beside a case also gives the organ-aware calibration",
     )
     _add_roi_region(p, "segmentations for the organ-aware calibration")
+    for extra in TRAINING_INPUTS:
+        users = ", ".join(sorted(n for n, c in BACKENDS.items() if extra in c.training_inputs)) or "none yet"
+        p.add_argument(f"--{extra.name}", metavar="FOLDER", help=f"{extra.help}; for backend(s): {users}")
     p.add_argument("--output", required=True, help="model bundle folder to write")
     p.add_argument("--backend", default=DEFAULT_BACKEND, choices=sorted(BACKENDS), help="detector backend")
     p.add_argument("--modality", default="CT", type=str.upper, choices=("CT", "MR"))
@@ -223,7 +226,7 @@ def _parser() -> argparse.ArgumentParser:
 def _cmd_train(a):
     from .cli_options import parse_backend_options
     from .config import PreprocessConfig, ScoreConfig
-    from .detectors import BACKENDS
+    from .detectors import BACKENDS, TRAINING_INPUTS
     from .progress import ProgressBar
     from .training import train
 
@@ -254,6 +257,7 @@ def _cmd_train(a):
         progress=progress,
         roi_labels=a.roi_labels,
         roi_margin_mm=a.roi_margin_mm,
+        extra_inputs={t.name: getattr(a, t.name) for t in TRAINING_INPUTS if getattr(a, t.name)},
     )
     if out is not None:  # None: a torchrun process other than rank 0, which writes the bundle
         print(f"Model bundle written to {out}")

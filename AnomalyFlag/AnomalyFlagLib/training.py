@@ -5,7 +5,7 @@ import json
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable, List, Optional
+from typing import Callable, Dict, List, Optional
 
 import numpy as np
 import torch
@@ -22,7 +22,7 @@ from .io.cases import discover_cases
 from .launcher import Launch
 from .maps import MapStatisticsAccumulator, neighbour_max
 from .preprocessing import InputSpec
-from .training_slices import SliceSet, load_slices, split_cases, split_slices
+from .training_slices import SliceSet, load_slices, load_training_input, split_cases, split_slices
 
 MAX_CALIBRATION_PIXELS = 400_000
 MIN_TRAINING_SLICES = 8
@@ -235,8 +235,13 @@ def train(
     log: Callable[[str], None] = print,
     roi_labels=None,
     roi_margin_mm: float = 10.0,
+    extra_inputs: Optional[Dict[str, object]] = None,
 ) -> Optional[Path]:
     """Train `backend` on the normal volumes at `input_path`, calibrate on held-out normal slices, save a bundle.
+
+    `extra_inputs` {name: folder} gives the backend's other training inputs (its `training_inputs`, e.g.
+    unlabelled scans or confirmed abnormal slices); every process reads all of them. Calibration is on
+    normal slices only, for every backend.
 
     With `max_minutes` every stage gets its share of the time left after loading and before calibration,
     so the whole run, calibration included, ends within about that time (the number of steps then depends
@@ -267,12 +272,17 @@ def train(
         bundle = new_bundle(backend, architecture, options, preprocess, scoring, name=output.name)
     except ValueError as exc:
         raise InputError(f"cannot train backend '{backend}': {exc}") from None
+    extra_inputs = _check_extra_inputs(cls, extra_inputs or {})
     cases = discover_cases(input_path)
     log(f"Loading {len(cases)} case(s) from {input_path} ...")
     with process_group(launch, dev) as parallel:
         share = _training_share(cases, validation_fraction, seed, preprocess, parallel, cancel, log,
                                 roi_labels=roi_labels, roi_margin_mm=roi_margin_mm)  # fmt: skip
         train_set, val_set = share.train, share.held_out
+        extra = {}
+        for name, folder in extra_inputs.items():
+            extra[name] = load_training_input(name, folder, preprocess, cancel)
+            log(f"{len(extra[name])} slices of {len(extra[name].case_names)} case(s) from --{name} {folder}.")
         log(
             f"{share.training_slices} training slices, {share.held_out_slices} held-out normal slices for "
             f"calibration, {share.excluded_slices} masked slices excluded; backend '{backend}'"
@@ -283,8 +293,9 @@ def train(
         if parallel.rank == 0:
             work.mkdir(parents=True, exist_ok=True)
         run_settings = {"seed": seed, "validation_fraction": validation_fraction}
+        extra_summary = {name: [len(v), v.case_names] for name, v in extra.items()}
         fingerprint = _fingerprint(backend, asdict(architecture), asdict(options), asdict(preprocess), run_settings,
-                                   [c.name for c in cases], share.slices)  # fmt: skip
+                                   [c.name for c in cases], share.slices, extra_summary)  # fmt: skip
         checkpointer = Checkpointer(work / "checkpoint.pt", fingerprint, resume, parallel.world_size)
         where = checkpointer.position()
         if where:
@@ -296,7 +307,8 @@ def train(
                           deadline, checkpoint_every, parallel)  # fmt: skip
         run.stage_shares = {s.name: s.share for s in bundle.backend.stages(options)}
         train_started = time.monotonic()
-        bundle.backend.fit(TrainingData(train_set.images, train_set.positions), options, run)
+        extra_data = {name: TrainingData(v.images, v.positions) for name, v in extra.items()}
+        bundle.backend.fit(TrainingData(train_set.images, train_set.positions, extra_data), options, run)
         bundle.backend.eval()
         train_seconds = time.monotonic() - train_started
         digests = parallel.weights_digests(bundle.backend.networks())
@@ -317,6 +329,10 @@ def train(
         or "slice-level split (too few cases to hold one out): blocks of 4 slices",
         "excluded_masked_slices": share.excluded_slices,
         "segmented_cases": [c.name for c in cases if c.segmentation is not None],
+        "extra_inputs": {
+            name: {"folder": str(extra_inputs[name]), "slices": n, "cases": names}
+            for name, (n, names) in extra_summary.items()
+        },
         "seed": seed,
         "max_minutes": max_minutes,
         "steps": run.steps_done,
@@ -334,6 +350,19 @@ def train(
     except OSError:
         pass
     return output
+
+
+def _check_extra_inputs(cls, given: Dict[str, object]) -> Dict[str, object]:
+    """The backend's training inputs from `given`, each needed one present and none that it does not take."""
+    needed = {t.name for t in cls.training_inputs}
+    missing = sorted(needed - set(given))
+    if missing:
+        raise InputError(f"backend '{cls.name}' also trains on {', '.join('--' + m for m in missing)} "
+                         f"({'; '.join(t.help for t in cls.training_inputs if t.name in missing)}).")  # fmt: skip
+    unused = sorted(set(given) - needed)
+    if unused:
+        raise InputError(f"backend '{cls.name}' does not take {', '.join('--' + u for u in unused)}.")
+    return {name: given[name] for name in sorted(needed)}
 
 
 @dataclass

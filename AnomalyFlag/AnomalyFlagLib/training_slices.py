@@ -43,6 +43,9 @@ class SliceSet:
         return self.select(torch.isin(self.case_index, torch.as_tensor(cases)))
 
 
+MASKED = ("exclude", "only", "ignore")
+
+
 def load_slices(
     cases: List[Case],
     preprocess: PreprocessConfig,
@@ -51,12 +54,18 @@ def load_slices(
     cancel: Optional[Callable[[], bool]] = None,
     roi_labels: Optional[Sequence[int]] = None,
     roi_margin_mm: float = 10.0,
+    masked: str = "exclude",
+    only: Optional[Sequence[Optional[Sequence[int]]]] = None,
 ) -> SliceSet:
-    """Read every case slab by slab into model-ready slices (raw intensities), skipping masked slices.
+    """Read every case slab by slab into model-ready slices (raw intensities).
 
-    When a case has a segmentation, its `roi_labels` (None: any non-zero) dilated by `roi_margin_mm` are
-    placed on the slices' model squares as `regions` (empty for cases without one), for the organ-aware
-    calibration."""
+    A case's mask decides which slices are read: `masked` "exclude" leaves its slices out (normal scans),
+    "only" reads just them (abnormal scans; every slice of a case without a mask), "ignore" reads all.
+    `only[i]`, when given, lists the slices to read of case i. When a case has a segmentation, its
+    `roi_labels` (None: any non-zero) dilated by `roi_margin_mm` are placed on the slices' model squares as
+    `regions` (empty for cases without one), for the organ-aware calibration."""
+    if masked not in MASKED:
+        raise ValueError(f"masked must be one of {MASKED}, not '{masked}'")
     pre = SlicePreprocessor(preprocess)
     images, positions, owners, indices, excluded = [], [], [], [], 0
     with_regions = any(case.segmentation is not None for case in cases)
@@ -67,9 +76,18 @@ def load_slices(
         source = open_source(case.image, name=f"training volume '{case.image}'")
         try:
             keep = np.ones(source.num_slices, dtype=bool)
-            if case.mask is not None:
+            if case.mask is not None and masked != "ignore":
                 mask = roi_on_image_grid(case.mask, source.geometry, name=f"mask '{case.mask}'", allow_empty=True)
-                keep = ~source.frame.view(mask).any(axis=(1, 2))
+                marked = source.frame.view(mask).any(axis=(1, 2))
+                keep = marked if masked == "only" else ~marked
+            if only is not None and only[ci] is not None:
+                listed = np.zeros(source.num_slices, dtype=bool)
+                wanted = np.asarray(list(only[ci]), dtype=int)
+                if wanted.size and (wanted.min() < 0 or wanted.max() >= source.num_slices):
+                    raise InputError(f"'{case.image}' has {source.num_slices} slices; slices {wanted.tolist()} "
+                                     "were asked for.")  # fmt: skip
+                listed[wanted] = True
+                keep &= listed
             organ = None
             if case.segmentation is not None:
                 name = f"segmentation '{case.segmentation}'"
@@ -100,7 +118,8 @@ def load_slices(
         if progress is not None:
             progress(ci + 1, len(cases))
     if not images:
-        raise InputError("no usable slices: every slice of every training volume is masked out.")
+        raise InputError("no usable slices: every slice of every training volume is masked out." if masked != "only"
+                         else "no usable slices: no training volume has a masked slice.")  # fmt: skip
     return SliceSet(torch.cat(images), torch.cat(positions), torch.cat(owners), torch.cat(indices),
                     [c.name for c in cases], excluded, torch.cat(regions) if with_regions else None)  # fmt: skip
 
@@ -122,3 +141,20 @@ def split_slices(slices: SliceSet, min_held_out: int = 20):
     idx = torch.arange(len(slices))
     val = (idx // 4) % every == every - 1
     return slices.select(~val), slices.select(val)
+
+
+def load_training_input(name: str, path, preprocess: PreprocessConfig, cancel=None) -> SliceSet:
+    """The slices of a backend's training input besides the normal scans (`detectors.base.TrainingInput`)."""
+    from .detectors.base import PATIENTS, UNLABELLED
+    from .io.cases import discover_cases
+    from .review.active_learning import confirmed_abnormal_slices
+
+    if name == UNLABELLED.name:
+        return load_slices(discover_cases(path, "unlabelled input"), preprocess, cancel=cancel, masked="ignore")
+    if name == PATIENTS.name:
+        reviewed = confirmed_abnormal_slices(path)
+        if reviewed is not None:
+            cases = [Case(image.name, image) for image in reviewed]
+            return load_slices(cases, preprocess, cancel=cancel, masked="ignore", only=list(reviewed.values()))
+        return load_slices(discover_cases(path, "patients input"), preprocess, cancel=cancel, masked="only")
+    raise ValueError(f"unknown training input '{name}'")

@@ -7,9 +7,20 @@ and it is at once trainable, scorable and loadable through the public commands.
 from typing import Dict, Type
 
 from ..results import LEADING_COLUMNS, TRAILING_COLUMNS
-from .base import DetectorBackend, ScoreComponent, TrainingData, TrainingRun, TrainingStage, option
+from .base import (
+    PATIENTS,
+    UNLABELLED,
+    DetectorBackend,
+    ScoreComponent,
+    TrainingData,
+    TrainingInput,
+    TrainingRun,
+    TrainingStage,
+    option,
+)
 
 DEFAULT_BACKEND = "restoration"
+TRAINING_INPUTS = (UNLABELLED, PATIENTS)  # what a backend may train on besides the normal scans
 
 BACKENDS: Dict[str, Type[DetectorBackend]] = {}
 
@@ -36,6 +47,8 @@ def backend_class(name: str) -> Type[DetectorBackend]:
 
 
 def _register_builtins() -> None:
+    from .ascnet import ASCNetBackend
+    from .descargan import DeScarGANBackend
     from .fanogan import FAnoGANBackend
     from .ganomaly import GANomalyBackend
     from .normative import NormativeBackend
@@ -44,7 +57,7 @@ def _register_builtins() -> None:
     from .stylegan2 import StyleGAN2Backend
 
     builtins = (RestorationBackend, FAnoGANBackend, NormativeBackend, StyleGAN2Backend, GANomalyBackend,
-                ProgressiveGANomalyBackend)  # fmt: skip
+                ProgressiveGANomalyBackend, ASCNetBackend, DeScarGANBackend)  # fmt: skip
     for cls in builtins:
         register_backend(cls)
 
@@ -55,6 +68,8 @@ __all__ = [
     "BACKENDS",
     "DEFAULT_BACKEND",
     "DetectorBackend",
+    "TRAINING_INPUTS",
+    "TrainingInput",
     "ScoreComponent",
     "TrainingData",
     "TrainingRun",

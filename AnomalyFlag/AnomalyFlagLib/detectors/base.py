@@ -10,7 +10,7 @@ contract.
 
 import dataclasses
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, ClassVar, Dict, Optional, Sequence, Tuple
 
 import torch
@@ -43,12 +43,33 @@ class TrainingStage:
     steps_option: Optional[str] = None
 
 
+@dataclass(frozen=True)
+class TrainingInput:
+    """A training input besides the normal scans, given as `--NAME FOLDER` and handed to `fit` as
+    `data.extra[NAME]`. The known ones are `UNLABELLED` and `PATIENTS` (read by `training_slices`)."""
+
+    name: str
+    help: str
+
+
+UNLABELLED = TrainingInput(
+    "unlabelled", "folder of unlabelled scans (normal or not; masks beside them are ignored), e.g. the archive "
+    "that `anomalyflag worklist` ranks"
+)  # fmt: skip
+PATIENTS = TrainingInput(
+    "patients", "abnormal slices: a folder reviewed in AnomalyFlag (the slices decided 'abnormal'), or a folder of "
+    "abnormal scans (with a <case>_anomaly/_label/_mask volume: its slices; without: every slice of the scan)"
+)  # fmt: skip
+
+
 @dataclass
 class TrainingData:
-    """Normal training slices: raw intensities (float16, (N, 1, S, S)) and relative positions (N,)."""
+    """Normal training slices: raw intensities (float16, (N, 1, S, S)) and relative positions (N,); `extra`
+    holds the slices of the backend's other training inputs (see `TrainingInput`), by name."""
 
     images: torch.Tensor
     positions: torch.Tensor
+    extra: Dict[str, "TrainingData"] = field(default_factory=dict)
 
     def __len__(self) -> int:
         return self.images.shape[0]
@@ -106,7 +127,8 @@ class TrainingRun:
         networks: Dict[str, torch.nn.Module],
         optimizers: Dict[str, torch.optim.Optimizer],
     ) -> None:
-        """Call `step_fn(step, fraction)` until `total_steps` or the stage's share of the budget is used.
+        """Call `step_fn(step, fraction)` until `total_steps`, the stage's share of the budget is used or
+        the step reports `converged` (a backend's own stopping rule; one process's is enough for all).
 
         `fraction` in [0, 1) is how far the stage is (by steps or by time, whichever is further), for
         learning-rate schedules. A stage finished in a resumed run is skipped."""
@@ -117,12 +139,13 @@ class TrainingRun:
         spent = float(self._state.get("spent", 0.0)) if self._state.get("stage") == stage.name else 0.0
         allotted = self._allotted(stage)
         started = time.monotonic() - spent
+        converged = False
         while step < total_steps:
             elapsed = time.monotonic() - started
             fraction = step / total_steps
             if allotted is not None:  # a stage left no time by the ones before it is over at once
                 fraction = max(fraction, elapsed / allotted if allotted > 0 else 1.0)
-            over = allotted is not None and elapsed >= allotted
+            over = (allotted is not None and elapsed >= allotted) or converged
             cancelled = step > 0 and self.cancel()  # asked after each step, as the checkpoint below is
             fraction, over, cancelled = self.parallel.agree(fraction, over, cancelled)
             if cancelled:
@@ -135,6 +158,7 @@ class TrainingRun:
             self.progress(stage.name, step, total_steps, info)
             if step % self.checkpoint_every == 0:
                 self._save(networks, optimizers, self._where(stage, step, started, done_stages))
+            converged = bool(info.get("converged"))
         if step < total_steps:  # stopped by the budget: the bar ends where the stage ended
             self.progress(stage.name, total_steps, total_steps, {"stopped_at_step": step})
         self.steps_done[stage.name] = step
@@ -172,6 +196,7 @@ class DetectorBackend:
     Architecture: ClassVar[type]
     Options: ClassVar[type]
     components: ClassVar[Tuple[ScoreComponent, ...]]
+    training_inputs: ClassVar[Tuple[TrainingInput, ...]] = ()  # needed besides the normal scans
 
     def __init__(self, architecture, inputs: InputSpec):
         self.architecture = architecture

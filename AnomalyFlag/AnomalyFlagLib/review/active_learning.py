@@ -275,3 +275,32 @@ def export_training_datalist(outputs_dir, output_json, images_dir=None) -> dict:
     }
     write_json_atomic(output_json, datalist)
     return datalist
+
+
+# ----------------------------------------------------------------------------------------------------
+# Confirmed abnormal slices, as labelled training examples
+
+
+def confirmed_abnormal_slices(outputs_dir) -> Optional[Dict[Path, List[int]]]:
+    """{source image: slice indices decided "abnormal"} of the reviewed cases in OUTPUTS_DIR, or None when
+    the folder holds no review session. An InputError says why when sessions exist but none confirms a
+    slice, or when a case with confirmed slices has no source image on record."""
+    outputs_dir = Path(outputs_dir)
+    cases = reviewed_cases(outputs_dir) if outputs_dir.is_dir() else []
+    if not cases:
+        return None
+    found: Dict[Path, List[int]] = {}
+    for case in cases:
+        abnormal = sorted(k for k, d in current_decisions(load_sidecar(outputs_dir, case)).items()
+                          if d["decision"] == "abnormal")  # fmt: skip
+        if not abnormal:
+            continue
+        image = _source_paths(outputs_dir, None, [case]).get(case)
+        if image is None:
+            raise InputError(f"case '{case}' in '{outputs_dir}' has slices confirmed abnormal but its source image "
+                             "is not recorded or not found.")  # fmt: skip
+        found[Path(image)] = abnormal
+    if not found:
+        raise InputError(f"no slice of the {len(cases)} reviewed case(s) in '{outputs_dir}' is confirmed abnormal "
+                         "(decision 'abnormal', key X in the module).")  # fmt: skip
+    return found

@@ -72,8 +72,9 @@ class AnomalyFlag(ScriptedLoadableModule):
             "AnomalyFlag uses PyTorch, MONAI, SimpleITK and safetensors. Its detectors follow denoising "
             "restoration (Kascenas et al., MIDL 2022), DRAEM (Zavrtanik et al., ICCV 2021), f-AnoGAN "
             "(Schlegl et al., Medical Image Analysis 2019), StyleGAN2 (Karras et al., CVPR 2020), GANomaly "
-            "(Akcay et al., ACCV 2018) and Progressive GANomaly (Madzia-Madzou and Kuijf, SPIE Medical "
-            "Imaging 2022). It is a research tool, not a medical device."
+            "(Akcay et al., ACCV 2018), Progressive GANomaly (Madzia-Madzou and Kuijf, SPIE Medical Imaging "
+            "2022), ASC-Net (Dey and Hong, MICCAI 2021) and DeScarGAN (Wolleb et al., MICCAI 2020). It is a "
+            "research tool, not a medical device."
         )
 
 

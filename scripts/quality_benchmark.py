@@ -103,10 +103,10 @@ def make_extra_sets(folder: Path, smoke: bool) -> dict:
     """The training inputs besides the normal scans that some backends take (written once, reused):
 
     - `unlabelled`: the test set's unlabelled training counterpart: new subjects, normal and with one
-      anomaly each in the test's proportions and clinical sizes (8 normal, 4 per type; masks not used);
+      anomaly each in the test's proportions and clinical sizes (4 normal, 2 per type; masks not used);
     - `patients`: labelled abnormal subjects with another seed and another anomaly mix than the test:
       two anomalies each, the type drawn with PATIENT_KIND_SHARES, sizes from PATIENT_RADIUS_MM (wider
-      than the test's); their anomaly masks mark the abnormal slices (16 subjects)."""
+      than the test's); their anomaly masks mark the abnormal slices (8 subjects)."""
     size, slices = (128, 24) if smoke else (256, 48)
     spacing = (1.5 * 256 / size, 1.5 * 256 / size, 5.0 * 48 / slices)
     sets = {"unlabelled": folder / "unlabelled", "patients": folder / "patients"}
@@ -116,7 +116,7 @@ def make_extra_sets(folder: Path, smoke: bool) -> dict:
     for path in sets.values():
         if path.exists():
             shutil.rmtree(path)
-    normal, per_kind, patients = (2, 1, 4) if smoke else (8, 4, 16)
+    normal, per_kind, patients = (2, 1, 4) if smoke else (4, 2, 8)
     rng = np.random.default_rng(5000)
     for i in range(normal):
         make_phantom(slices, size, spacing, seed=int(rng.integers(2**31))).save(

@@ -51,6 +51,8 @@ def main(argv=None) -> int:
     )
     parser.add_argument("--region", default="", help="organ the anomaly goes into (default: by kind)")
     parser.add_argument("--radius-mm", type=float, help="anomaly size (default: by kind)")
+    parser.add_argument("--slice", type=int, help="slice to render (default: the anomaly's most anomalous one); "
+                        "the same slice for several models compares their heatmaps")  # fmt: skip
     args = parser.parse_args(argv)
 
     from AnomalyFlagLib.phantom import ANOMALY_KINDS
@@ -66,11 +68,13 @@ def main(argv=None) -> int:
         for kind in kinds:
             output = Path(args.output)
             output = output.with_name(f"{output.stem}_{kind}{output.suffix}")
-            render(model, kind, args.radius_mm or DEFAULT_RADIUS_MM[kind], args.region, args.seed, output, args.size)
+            render(model, kind, args.radius_mm or DEFAULT_RADIUS_MM[kind], args.region, args.seed, output, args.size,
+                   args.slice)  # fmt: skip
     return 0
 
 
-def render(model: Path, kind: str, radius_mm: float, region: str, seed: int, output: Path, size: int) -> None:
+def render(model: Path, kind: str, radius_mm: float, region: str, seed: int, output: Path, size: int,
+           slice_index=None) -> None:  # fmt: skip
     import slicer
     from AnomalyFlagLib.geometry import Geometry
     from AnomalyFlagLib.phantom import ORGAN_LABELS, make_phantom
@@ -105,7 +109,7 @@ def render(model: Path, kind: str, radius_mm: float, region: str, seed: int, out
     lesion_slices = phantom.anomalies[0]["slices"]
     print(f"{kind} on slices {lesion_slices}; flagged {result.flagged_indices}")
     normalised = result.slices["normalised"]
-    k = int(max(lesion_slices, key=lambda i: normalised[i]))  # the anomaly's most anomalous slice
+    k = int(max(lesion_slices, key=lambda i: normalised[i])) if slice_index is None else slice_index
     path = renderSliceSnapshot(volume, out["heatmap"], segmentation, k, str(output), size=size,
                                caption=f"phantom CT, {kind.replace('_', ' ')}  slice {k}  score "
                                f"{normalised[k]:.1f}{'  FLAGGED' if k in result.flagged_indices else ''}")  # fmt: skip

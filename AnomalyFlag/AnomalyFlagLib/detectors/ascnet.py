@@ -24,24 +24,18 @@ import torch.nn.functional as F
 from ..config import expect
 from .augment import augment_batch
 from .base import UNLABELLED, DetectorBackend, ScoreComponent, TrainingData, TrainingRun, TrainingStage, option
-from .restoration_networks import PatchCritic, UNetDecoder, UNetEncoder, conditioning, widths_for
+from .restoration_networks import (
+    PatchCritic,
+    UNetArchitecture,
+    UNetDecoder,
+    UNetEncoder,
+    condition_like,
+    expect_levels_fit,
+    widths_for,
+)
 
 CONDITION_CHANNELS = 3
 STOPPING_SLICES = 10  # every 10th normal training slice is held out for the stopping rule
-
-
-@dataclass
-class ASCNetArchitecture:
-    base_width: int = option(8, "channels of the U-Net's first level (doubling at each level; the paper: 32)")
-    levels: int = option(4, "resolution levels of the U-Net")
-    critic_width: int = option(16, "channels of the critic's first convolution")
-    condition_on_position: bool = option(True, "do not condition on the slice position", flag="--no-position")
-
-    def validate(self) -> None:
-        expect(2 <= self.levels <= 7, "levels", "2 to 7", self.levels)
-        expect(1 <= self.base_width <= 2048 // 2 ** (self.levels - 1), "base_width",
-               f"1 to {2048 // 2 ** (self.levels - 1)} for {self.levels} levels", self.base_width)  # fmt: skip
-        expect(1 <= self.critic_width <= 512, "critic_width", "1 to 512", self.critic_width)
 
 
 @dataclass
@@ -87,7 +81,7 @@ class StoppingRule(torch.nn.Module):
 class Cutter(torch.nn.Module):
     """U-Net encoder, fence and wild decoders, and the 1x1 recombination."""
 
-    def __init__(self, arch: ASCNetArchitecture, channels: int):
+    def __init__(self, arch: UNetArchitecture, channels: int):
         super().__init__()
         widths = widths_for(arch.base_width, arch.levels)
         self.encoder = UNetEncoder(channels + CONDITION_CHANNELS, widths)
@@ -109,7 +103,7 @@ def dice_overlap(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 class ASCNetBackend(DetectorBackend):
     name = "ascnet"
     summary = "ASC-Net: cuts slices into a normal-looking fence cut and a wild cut (needs --unlabelled)"
-    Architecture = ASCNetArchitecture
+    Architecture = UNetArchitecture
     Options = ASCNetOptions
     components = (ScoreComponent("wild", "ASC-Net's wild cut (what does not fit the normal scans), normalised"),)
     training_inputs = (UNLABELLED,)
@@ -117,16 +111,15 @@ class ASCNetBackend(DetectorBackend):
     @classmethod
     def tiny(cls):
         return (
-            ASCNetArchitecture(base_width=4, levels=3, critic_width=4),
+            UNetArchitecture(base_width=4, levels=3, critic_width=4),
             ASCNetOptions(iterations=12, batch_size=4, check_every=4, patience=2),
         )
 
     @classmethod
     def validate(cls, architecture, inputs):
-        size, levels = inputs.image_size, architecture.levels
-        expect(size % 2 ** (levels - 1) == 0, "levels", f"levels such that 2^(levels-1) divides {size}", levels)
+        expect_levels_fit(architecture.levels, inputs.image_size)
 
-    def __init__(self, architecture: ASCNetArchitecture, inputs):
+    def __init__(self, architecture: UNetArchitecture, inputs):
         super().__init__(architecture, inputs)
         c = inputs.num_channels
         self.cutter = Cutter(architecture, c)
@@ -142,11 +135,7 @@ class ASCNetBackend(DetectorBackend):
         return (TrainingStage("cutting", "selective cutting", 1.0, "iterations"),)
 
     def _condition(self, x, pos):
-        n, _, h, w = x.shape
-        cond = conditioning(n, h, w, pos.to(x.device))
-        if not self.architecture.condition_on_position:
-            cond = torch.cat([torch.zeros_like(cond[:, :1]), cond[:, 1:]], dim=1)
-        return cond.to(x.dtype)
+        return condition_like(x, pos, self.architecture.condition_on_position)
 
     @torch.no_grad()
     def maps(self, x, pos, body) -> Dict[str, torch.Tensor]:

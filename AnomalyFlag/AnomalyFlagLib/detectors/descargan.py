@@ -20,25 +20,11 @@ import torch.nn.functional as F
 from ..config import expect
 from .augment import augment_batch
 from .base import PATIENTS, DetectorBackend, ScoreComponent, TrainingData, TrainingRun, TrainingStage, option
-from .restoration_networks import PatchCritic, UNet, conditioning, widths_for
+from .restoration_networks import PatchCritic, UNet, UNetArchitecture, condition_like, expect_levels_fit, widths_for
 
 CONDITION_CHANNELS = 3
 CLASSES = 2  # 0 healthy, 1 patient
 HEALTHY, PATIENT = 0, 1
-
-
-@dataclass
-class DeScarGANArchitecture:
-    base_width: int = option(8, "channels of the generator U-Net's first level (doubling; the paper: 64)")
-    levels: int = option(4, "resolution levels of the generator U-Net")
-    critic_width: int = option(16, "channels of the critic's first convolution")
-    condition_on_position: bool = option(True, "do not condition on the slice position", flag="--no-position")
-
-    def validate(self) -> None:
-        expect(2 <= self.levels <= 7, "levels", "2 to 7", self.levels)
-        expect(1 <= self.base_width <= 2048 // 2 ** (self.levels - 1), "base_width",
-               f"1 to {2048 // 2 ** (self.levels - 1)} for {self.levels} levels", self.base_width)  # fmt: skip
-        expect(1 <= self.critic_width <= 512, "critic_width", "1 to 512", self.critic_width)
 
 
 @dataclass
@@ -79,7 +65,7 @@ class ClassCritic(torch.nn.Module):
 class DeScarGANBackend(DetectorBackend):
     name = "descargan"
     summary = "DeScarGAN: healthy/patient translation, anomaly = |x - healthy(x)| (needs --patients)"
-    Architecture = DeScarGANArchitecture
+    Architecture = UNetArchitecture
     Options = DeScarGANOptions
     components = (
         ScoreComponent("difference", "|x - G(x, healthy)|: the slice minus its healthy translation, normalised"),
@@ -89,16 +75,15 @@ class DeScarGANBackend(DetectorBackend):
     @classmethod
     def tiny(cls):
         return (
-            DeScarGANArchitecture(base_width=4, levels=3, critic_width=4),
+            UNetArchitecture(base_width=4, levels=3, critic_width=4),
             DeScarGANOptions(iterations=10, batch_size=4),
         )
 
     @classmethod
     def validate(cls, architecture, inputs):
-        size, levels = inputs.image_size, architecture.levels
-        expect(size % 2 ** (levels - 1) == 0, "levels", f"levels such that 2^(levels-1) divides {size}", levels)
+        expect_levels_fit(architecture.levels, inputs.image_size)
 
-    def __init__(self, architecture: DeScarGANArchitecture, inputs):
+    def __init__(self, architecture: UNetArchitecture, inputs):
         super().__init__(architecture, inputs)
         c = inputs.num_channels
         self.generator = UNet(
@@ -115,11 +100,7 @@ class DeScarGANBackend(DetectorBackend):
         return (TrainingStage("translation", "healthy/patient translation", 1.0, "iterations"),)
 
     def _condition(self, x, pos):
-        n, _, h, w = x.shape
-        cond = conditioning(n, h, w, pos.to(x.device))
-        if not self.architecture.condition_on_position:
-            cond = torch.cat([torch.zeros_like(cond[:, :1]), cond[:, 1:]], dim=1)
-        return cond.to(x.dtype)
+        return condition_like(x, pos, self.architecture.condition_on_position)
 
     def _translate(self, x, cond, target):
         """G(x, target class) in window units."""

@@ -127,10 +127,8 @@ class ProgressiveGANomalyBackend(DetectorBackend):
         )  # fmt: skip
 
     def _condition(self, n, height, width, pos, top=None, left=None):
-        cond = conditioning(n, height, width, pos, top, left, self.inputs.image_size)
-        if not self.architecture.condition_on_position:
-            cond = torch.cat([torch.zeros_like(cond[:, :1]), cond[:, 1:]], dim=1)
-        return cond
+        return conditioning(n, height, width, pos, top, left, self.inputs.image_size,
+                            self.architecture.condition_on_position)  # fmt: skip
 
     @torch.no_grad()
     def maps(self, x, pos, body) -> Dict[str, torch.Tensor]:

@@ -25,11 +25,19 @@ from .augment import augment_batch
 from .base import DetectorBackend, ScoreComponent, TrainingData, TrainingRun, TrainingStage, option
 from .corruptions import corrupt
 from .izif import residual_maps
-from .restoration_networks import PatchCritic, UNet, UNetDecoder, UNetEncoder, conditioning, widths_for
+from .restoration_networks import (
+    MAX_LEVELS,
+    MAX_WIDTH,
+    PatchCritic,
+    UNet,
+    UNetDecoder,
+    UNetEncoder,
+    condition_like,
+    expect_levels_fit,
+    widths_for,
+)
 
 CONDITION_CHANNELS = 3  # position plane, y and x coordinates
-MAX_LEVELS = 7
-MAX_WIDTH = 2048  # channels of the deepest level
 
 
 @dataclass
@@ -90,9 +98,7 @@ class RestorationBackend(DetectorBackend):
 
     @classmethod
     def validate(cls, architecture, inputs):
-        levels, size = architecture.levels, inputs.image_size
-        fits = 2 <= levels <= MAX_LEVELS and size % 2 ** (levels - 1) == 0
-        expect(fits, "levels", f"levels such that 2^(levels-1) divides the image size {size}", levels)
+        expect_levels_fit(architecture.levels, inputs.image_size)
 
     def __init__(self, architecture: RestorationArchitecture, inputs):
         super().__init__(architecture, inputs)
@@ -119,11 +125,7 @@ class RestorationBackend(DetectorBackend):
         return (TrainingStage("restoration", "restoration GAN and discriminative head", 1.0, "iterations"),)
 
     def _condition(self, x, pos, top=None, left=None):
-        n, _, h, w = x.shape
-        cond = conditioning(n, h, w, pos.to(x.device), top, left, self.inputs.image_size)
-        if not self.architecture.condition_on_position:
-            cond = torch.cat([torch.zeros_like(cond[:, :1]), cond[:, 1:]], dim=1)
-        return cond
+        return condition_like(x, pos, self.architecture.condition_on_position, top, left, self.inputs.image_size)
 
     def _restore(self, xw, cond):
         """G(x) for windowed slices (tanh: window units)."""

@@ -1,4 +1,5 @@
-"""Networks of the restoration GAN, from MONAI convolution blocks.
+"""Networks of the restoration GAN, from MONAI convolution blocks; its U-Net, patch critic, conditioning
+planes and the `UNetArchitecture` are also ASC-Net's, DeScarGAN's and (planes) Progressive GANomaly's.
 
 - generator: a U-Net whose contracting path (`UNetEncoder`, saved as the encoder) and expanding path
   (`UNetDecoder`, saved as the generator) are separate modules joined by skip connections, so it can
@@ -12,12 +13,19 @@ Inputs carry one channel per intensity window, plus the slice position as a cons
 in-plane coordinates as two planes (so networks trained on crops know where a crop lies).
 """
 
+from dataclasses import dataclass
 from typing import List, Sequence
 
 import torch
 import torch.nn.functional as F
 from monai.networks.blocks import Convolution
 from torch import nn
+
+from ..config import expect
+from .base import option
+
+MAX_LEVELS = 7
+MAX_WIDTH = 2048  # channels of the deepest level
 
 ACT = "swish"
 LEAKY = ("leakyrelu", {"negative_slope": 0.2})
@@ -102,9 +110,11 @@ class PatchCritic(nn.Module):
         return self.head(f), f
 
 
-def conditioning(n: int, height: int, width: int, pos: torch.Tensor, top=None, left=None, size=None) -> torch.Tensor:
-    """(n, 3, height, width): the position plane (2 pos - 1) and the y, x coordinates in [-1, 1] of the
-    full `size`-pixel image (crops at `top`, `left`, one per slice; whole images when None)."""
+def conditioning(n: int, height: int, width: int, pos: torch.Tensor, top=None, left=None, size=None,
+                 with_position: bool = True) -> torch.Tensor:  # fmt: skip
+    """(n, 3, height, width): the position plane (2 pos - 1, zero without `with_position`) and the y, x
+    coordinates in [-1, 1] of the full `size`-pixel image (crops at `top`, `left`, one per slice; whole
+    images when None)."""
     size = size or height
     axis = torch.linspace(-1.0, 1.0, size, device=pos.device)
     if top is None:
@@ -113,9 +123,37 @@ def conditioning(n: int, height: int, width: int, pos: torch.Tensor, top=None, l
     else:
         ys = torch.stack([axis[t : t + height] for t in top])
         xs = torch.stack([axis[t : t + width] for t in left])
+    plane = (pos.float() * 2 - 1) if with_position else torch.zeros_like(pos, dtype=torch.float32)
     planes = [
-        (pos.float() * 2 - 1).view(n, 1, 1, 1).expand(n, 1, height, width),
+        plane.view(n, 1, 1, 1).expand(n, 1, height, width),
         ys.view(n, 1, height, 1).expand(n, 1, height, width),
         xs.view(n, 1, 1, width).expand(n, 1, height, width),
     ]
     return torch.cat(planes, dim=1)
+
+
+def condition_like(x: torch.Tensor, pos: torch.Tensor, with_position: bool, top=None, left=None, size=None):
+    """`conditioning` for the slices or crops x (n, C, h, w), on x's device and in its dtype."""
+    n, _, h, w = x.shape
+    return conditioning(n, h, w, pos.to(x.device), top, left, size, with_position).to(x.dtype)
+
+
+def expect_levels_fit(levels: int, image_size: int) -> None:
+    fits = 2 <= levels <= MAX_LEVELS and image_size % 2 ** (levels - 1) == 0
+    expect(fits, "levels", f"levels such that 2^(levels-1) divides the image size {image_size}", levels)
+
+
+@dataclass
+class UNetArchitecture:
+    """A U-Net and a patch critic (ASC-Net, DeScarGAN); the papers' widths are 32 and 64, too slow here."""
+
+    base_width: int = option(8, "channels of the U-Net's first level (doubling at each level)")
+    levels: int = option(4, "resolution levels of the U-Net")
+    critic_width: int = option(16, "channels of the critic's first convolution")
+    condition_on_position: bool = option(True, "do not condition on the slice position", flag="--no-position")
+
+    def validate(self) -> None:
+        expect(2 <= self.levels <= MAX_LEVELS, "levels", f"2 to {MAX_LEVELS}", self.levels)
+        most = MAX_WIDTH // 2 ** (self.levels - 1)  # widths double at each level
+        expect(1 <= self.base_width <= most, "base_width", f"1 to {most} for {self.levels} levels", self.base_width)
+        expect(1 <= self.critic_width <= MAX_WIDTH // 4, "critic_width", f"1 to {MAX_WIDTH // 4}", self.critic_width)

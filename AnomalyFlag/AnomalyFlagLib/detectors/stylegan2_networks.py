@@ -165,7 +165,7 @@ class Synthesis(nn.Module):
 
     def forward(self, ws, generator=None):
         """ws (n, num_ws, w_dim) -> image (n, channels, S, S)."""
-        x = self.const.expand(ws.shape[0], -1, -1, -1)
+        x = self.const.repeat(ws.shape[0], 1, 1, 1)  # not a view: a view of a parameter confuses torch's module hooks
         x = self.first(x, ws[:, 0], generator)
         k = 1
         image = self.to_images[0](x, ws[:, k])

@@ -645,6 +645,7 @@ def main(argv=None) -> int:
     p.add_argument("--label", default="liver")
     p.add_argument("--output", help="JSON report to write")
     args = parser.parse_args(argv)
+    caller_threads = torch.get_num_threads()  # restored on return: main() also runs inside other processes
     torch.set_num_threads(max(1, min(args.threads, os.cpu_count() or 1)))
     try:
         if args.command == "train":
@@ -658,6 +659,8 @@ def main(argv=None) -> int:
     except AnomalyFlagError as exc:
         print(f"reference_segmenter: error: {exc}", file=sys.stderr)
         return 2
+    finally:
+        torch.set_num_threads(caller_threads)
     return 0
 
 

@@ -6,7 +6,10 @@ subjects, 8 normal and 6 per anomaly type with one anomaly each, as hard as the 
 8-30 mm across at 30-50 HU (hypodense) or 80-120 HU (hyperdense) contrast, metal stents 3-6 mm across,
 fluid crescents 3-20 mm thick; 1.5 mm pixels, 5 mm slices, 10-20 HU noise. Real CT: trained on the
 normal slices of pyradiomics' lung1 only (its tumour slices left out), tested on lung2 (its real
-tumour, and copies of lung2 with one inserted anomaly each).
+tumour, and copies of lung2 with one inserted anomaly each). Backends that train on more than normal
+scans get the sets of `make_extra_sets` (unlabelled subjects for `--unlabelled`, labelled abnormal
+subjects of another seed and mix for `--patients`) and no real-CT row (the only other real scan is the
+test patient).
 
 Every backend is trained by `AnomalyFlagLib.training.train` with `max_minutes` = the budget (30 by
 default), then scored like any scan. Per anomaly type: slice AUROC and AUPRC (that type's anomalous
@@ -21,6 +24,7 @@ per type, one row per backend) and prints a Markdown table.
     python scripts/quality_benchmark.py --smoke             # a few minutes in all: small data, 1 minute each
     python scripts/quality_benchmark.py --replay reports/quality/quality.json   # the same steps again
     python scripts/quality_benchmark.py --backends fanogan --no-real-ct         # one backend, phantoms only
+    python scripts/quality_benchmark.py --backends progressive-ganomaly --set progressive-ganomaly.patch_stride=8
 
 Data and seeds are fixed; with a time budget the number of training steps depends on the machine's
 speed, so quality.json records the steps each run made and `--replay` retrains with exactly those steps

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from ..config import expect
-from .augment import augment_batch
+from .augment import sample_slices
 from .base import UNLABELLED, DetectorBackend, ScoreComponent, TrainingData, TrainingRun, TrainingStage, option
 from .restoration_networks import (
     PatchCritic,
@@ -157,10 +157,8 @@ class ASCNetBackend(DetectorBackend):
         n_normal = int(round(options.batch_size * options.normal_share))
 
         def draw(source: TrainingData, n: int):
-            idx = torch.randint(len(source), (n,), generator=gen)
-            x = self.inputs.channels(source.images[idx])
-            x = augment_batch(x, gen) if options.augment else x
-            return ((x + 1) / 2).to(device), source.positions[idx].float().to(device)
+            x, pos = sample_slices(source, n, self.inputs, gen, options.augment, device)
+            return (x + 1) / 2, pos
 
         def step(k, fraction):
             self.train_mode()

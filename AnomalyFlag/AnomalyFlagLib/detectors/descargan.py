@@ -18,8 +18,9 @@ import torch
 import torch.nn.functional as F
 
 from ..config import expect
-from .augment import augment_batch
+from .augment import sample_slices
 from .base import PATIENTS, DetectorBackend, ScoreComponent, TrainingData, TrainingRun, TrainingStage, option
+from .penalties import gradient_penalty
 from .restoration_networks import PatchCritic, UNet, UNetArchitecture, condition_like, expect_levels_fit, widths_for
 
 CONDITION_CHANNELS = 3
@@ -125,9 +126,7 @@ class DeScarGANBackend(DetectorBackend):
         n_healthy = options.batch_size // 2
 
         def draw(source: TrainingData, n: int):
-            idx = torch.randint(len(source), (n,), generator=gen)
-            x = self.inputs.channels(source.images[idx])
-            return (augment_batch(x, gen) if options.augment else x).to(device), source.positions[idx].float()
+            return sample_slices(source, n, self.inputs, gen, options.augment, device)
 
         def step(k, fraction):
             self.train_mode()
@@ -142,9 +141,8 @@ class DeScarGANBackend(DetectorBackend):
                 fake = self._translate(x, cond, other)
             real_score, real_class = self.critic(torch.cat([x, cond], 1))
             fake_score, _ = self.critic(torch.cat([fake, cond], 1))
-            loss_d = (
-                fake_score.mean() - real_score.mean() + options.gradient_penalty * self._penalty(x, fake, cond, gen)
-            )
+            penalty = gradient_penalty(lambda v: self.critic(torch.cat([v, cond], 1))[0], x, fake, gen)
+            loss_d = fake_score.mean() - real_score.mean() + options.gradient_penalty * penalty
             loss_d = loss_d + options.critic_class_weight * F.cross_entropy(real_class, label)
             opt_d.zero_grad(set_to_none=True)
             loss_d.backward()
@@ -165,10 +163,3 @@ class DeScarGANBackend(DetectorBackend):
             run.run_stage(self.stages(options)[0], options.iterations, step, nets, optimizers)
         finally:
             self.eval()
-
-    def _penalty(self, real, fake, cond, generator):
-        eps = torch.rand(real.shape[0], 1, 1, 1, generator=generator).to(real)
-        mixed = (eps * real + (1 - eps) * fake).requires_grad_(True)
-        score, _ = self.critic(torch.cat([mixed, cond], 1))
-        (grad,) = torch.autograd.grad(score.sum(), mixed, create_graph=True)
-        return ((grad.flatten(1).norm(dim=1) - 1) ** 2).mean()

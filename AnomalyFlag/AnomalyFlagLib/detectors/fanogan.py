@@ -5,15 +5,17 @@ is large at every tissue edge (see docs/detector-experiments.md).
 """
 
 from dataclasses import dataclass
+from functools import partial
 from typing import Dict
 
 import torch
 
 from ..config import expect
-from .augment import augment_batch
+from .augment import sample_slices
 from .base import DetectorBackend, ScoreComponent, TrainingData, TrainingRun, TrainingStage, option
 from .dcgan_networks import Critic, DCGANArchitecture, Encoder, Generator, Shape, validate_size
 from .izif import residual_maps, train_izif_encoder
+from .penalties import gradient_penalty
 
 
 @dataclass
@@ -94,10 +96,7 @@ class FAnoGANBackend(DetectorBackend):
         latent = self.architecture.latent_dim
 
         def batch():
-            idx = torch.randint(len(data), (options.batch_size,), generator=gen)
-            x = self.inputs.channels(data.images[idx])
-            pos = data.positions[idx].float()
-            return (augment_batch(x, gen) if options.augment else x).to(device), pos.to(device)
+            return sample_slices(data, options.batch_size, self.inputs, gen, options.augment, device)
 
         def gan_step(step, fraction):
             self.generator.train()
@@ -108,7 +107,8 @@ class FAnoGANBackend(DetectorBackend):
                 with torch.no_grad():
                     fake = self.generator(z, pos)
                 loss_d = self.critic(fake, pos).mean() - self.critic(x, pos).mean()
-                loss_d = loss_d + options.gradient_penalty * self._gradient_penalty(x, fake, pos, gen)
+                penalty = gradient_penalty(partial(self.critic, pos=pos), x, fake, gen)
+                loss_d = loss_d + options.gradient_penalty * penalty
                 opt_d.zero_grad(set_to_none=True)
                 loss_d.backward()
                 opt_d.step()
@@ -129,10 +129,3 @@ class FAnoGANBackend(DetectorBackend):
             )  # fmt: skip
         finally:
             self.eval()
-
-    def _gradient_penalty(self, real, fake, pos, gen):
-        eps = torch.rand(real.shape[0], 1, 1, 1, generator=gen).to(real.device)
-        mixed = (eps * real + (1 - eps) * fake).requires_grad_(True)
-        out = self.critic(mixed, pos)
-        (grad,) = torch.autograd.grad(out.sum(), mixed, create_graph=True)
-        return ((grad.flatten(1).norm(dim=1) - 1) ** 2).mean()

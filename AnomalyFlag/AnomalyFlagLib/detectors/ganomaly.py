@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from ..config import expect
-from .augment import augment_batch
+from .augment import sample_slices
 from .base import DetectorBackend, ScoreComponent, TrainingData, TrainingRun, TrainingStage, option
 from .dcgan_networks import Critic, DCGANArchitecture, Encoder, Generator, Shape, validate_size
 from .izif import residual_maps
@@ -122,8 +122,8 @@ class GANomalyBackend(DetectorBackend):
 
     def __init__(self, architecture: DCGANArchitecture, inputs):
         super().__init__(architecture, inputs)
-        self._shape = Shape(architecture, inputs.image_size, inputs.num_channels)
-        self.generator, self.critic = GANomalyGenerator(self._shape), Critic(self._shape)
+        shape = Shape(architecture, inputs.image_size, inputs.num_channels)
+        self.generator, self.critic = GANomalyGenerator(shape), Critic(shape)
         self.eval()
 
     def networks(self):
@@ -149,10 +149,7 @@ class GANomalyBackend(DetectorBackend):
         update = GANomalyStep(options, self.critic, opt_g, opt_d)
 
         def step(k, fraction):
-            idx = torch.randint(len(data), (options.batch_size,), generator=gen)
-            x = self.inputs.channels(data.images[idx])
-            x = (augment_batch(x, gen) if options.augment else x).to(device)
-            pos = data.positions[idx].float().to(device)
+            x, pos = sample_slices(data, options.batch_size, self.inputs, gen, options.augment, device)
             self.train_mode()
             return update(
                 x,

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from ..config import expect
-from .augment import augment_batch
+from .augment import augment_batch, body_masks
 from .base import DetectorBackend, ScoreComponent, TrainingData, TrainingRun, TrainingStage, option
 from .ganomaly import GANomalyLosses, GANomalyStep, adam_pair
 from .progressive_ganomaly_networks import PatchDecoder, PatchEncoder, resolutions
@@ -164,7 +164,7 @@ class ProgressiveGANomalyBackend(DetectorBackend):
         run.restore(nets, optimizers)
         update = GANomalyStep(options, self.critic, opt_g, opt_d)
         # Patch centres are drawn inside the body (a little weight everywhere, so an empty slice still has some).
-        bodies = torch.cat([spec.body(data.images[k : k + 256].float()) for k in range(0, len(data), 256)])
+        bodies = body_masks(data, spec)
         weights = bodies.flatten(1).float() + 1e-3
         growth = resolutions(arch.start_size, p)[1:]
 

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from ..config import expect
-from .augment import augment_batch
+from .augment import augment_batch, body_masks
 from .base import DetectorBackend, ScoreComponent, TrainingData, TrainingRun, TrainingStage, option
 from .corruptions import corrupt
 from .izif import residual_maps
@@ -157,7 +157,7 @@ class RestorationBackend(DetectorBackend):
         nets = self.networks()
         run.restore(nets, optimizers)
         mix = (options.clean_share,) + tuple((1 - options.clean_share) * p for p in (0.24, 0.41, 0.18, 0.17))
-        bodies = torch.cat([spec.body(data.images[k : k + 256].float()) for k in range(0, len(data), 256)])
+        bodies = body_masks(data, spec)
 
         def step(k, fraction):
             for opt in optimizers.values():

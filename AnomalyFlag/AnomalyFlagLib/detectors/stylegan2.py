@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from ..config import expect
-from .augment import augment_batch
+from .augment import sample_slices
 from .base import DetectorBackend, ScoreComponent, TrainingData, TrainingRun, TrainingStage, option
 from .dcgan_networks import Shape, validate_size
 from .izif import residual_maps, train_izif_encoder
@@ -120,10 +120,7 @@ class StyleGAN2Backend(DetectorBackend):
         mapping, latent = self.generator.mapping, self.architecture.latent_dim
 
         def batch():
-            idx = torch.randint(len(data), (options.batch_size,), generator=gen)
-            x = self.inputs.channels(data.images[idx])
-            pos = data.positions[idx].float()
-            return (augment_batch(x, gen) if options.augment else x).to(device), pos.to(device)
+            return sample_slices(data, options.batch_size, self.inputs, gen, options.augment, device)
 
         def fake(pos):
             z = torch.randn(pos.shape[0], latent, generator=gen).to(device)

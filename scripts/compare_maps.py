@@ -20,7 +20,7 @@ sys.path.insert(0, str(ROOT / "scripts"))
 
 
 def main(argv=None) -> int:
-    from render_screenshot import DEFAULT_RADIUS_MM, SIZE, SLICES, SPACING
+    from render_screenshot import DEFAULT_RADIUS_MM, make_screenshot_phantom
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("models", nargs="+", metavar="NAME=BUNDLE")
@@ -30,13 +30,11 @@ def main(argv=None) -> int:
     parser.add_argument("--slice", type=int, required=True)
     args = parser.parse_args(argv)
 
-    from AnomalyFlagLib.phantom import make_phantom
     from AnomalyFlagLib.scoring import HEATMAP_SCALE, Scorer
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    spec = {"kind": args.kind, "radius_mm": DEFAULT_RADIUS_MM[args.kind]}
-    phantom = make_phantom(SLICES, SIZE, SPACING, seed=args.seed, anomalies=[spec])
+    phantom = make_screenshot_phantom(args.kind, DEFAULT_RADIUS_MM[args.kind], "", args.seed)
     image, k = phantom.to_sitk(phantom.image.astype(np.int16)), args.slice
     ct = np.clip(phantom.image[k], -160, 240)
     columns = min(4, len(args.models) + 1)

@@ -73,19 +73,26 @@ def main(argv=None) -> int:
     return 0
 
 
-def render(model: Path, kind: str, radius_mm: float, region: str, seed: int, output: Path, size: int,
-           slice_index=None) -> None:  # fmt: skip
-    import slicer
-    from AnomalyFlagLib.geometry import Geometry
-    from AnomalyFlagLib.phantom import ORGAN_LABELS, make_phantom
-    from AnomalyFlagMRML.snapshot import renderSliceSnapshot
-    from AnomalyFlagMRML.volumes import updateVolumeNodeFromArray
-    from AnomalyFlagMRML.workflow import scoreVolumeNode
+def make_screenshot_phantom(kind: str, radius_mm: float, region: str, seed: int):
+    """The anomalous phantom the pictures show (the quality benchmark's size and spacing)."""
+    from AnomalyFlagLib.phantom import make_phantom
 
     spec = {"kind": kind, "radius_mm": radius_mm}
     if region:
         spec["region"] = region
-    phantom = make_phantom(SLICES, SIZE, SPACING, seed=seed, anomalies=[spec])
+    return make_phantom(SLICES, SIZE, SPACING, seed=seed, anomalies=[spec])
+
+
+def render(model: Path, kind: str, radius_mm: float, region: str, seed: int, output: Path, size: int,
+           slice_index=None) -> None:  # fmt: skip
+    import slicer
+    from AnomalyFlagLib.geometry import Geometry
+    from AnomalyFlagLib.phantom import ORGAN_LABELS
+    from AnomalyFlagMRML.snapshot import renderSliceSnapshot
+    from AnomalyFlagMRML.volumes import updateVolumeNodeFromArray
+    from AnomalyFlagMRML.workflow import scoreVolumeNode
+
+    phantom = make_screenshot_phantom(kind, radius_mm, region, seed)
 
     geometry = Geometry.from_image(phantom.to_sitk())
     scene = slicer.vtkMRMLScene()

@@ -158,8 +158,8 @@ def test_registry_refuses_incomplete_or_clashing_backends(mean_backend):
 
 
 BUILT_IN = ["restoration", "fanogan", "normative", "stylegan2", "ganomaly", "progressive-ganomaly", "ascnet",
-            "descargan"]  # fmt: skip
-SEED_BACKENDS = ["stylegan2", "ganomaly", "progressive-ganomaly", "ascnet", "descargan"]
+            "descargan", "hybrid"]  # fmt: skip
+SEED_BACKENDS = ["stylegan2", "ganomaly", "progressive-ganomaly", "ascnet", "descargan", "hybrid"]
 
 
 def test_every_registered_backend_is_a_built_in_one():
@@ -279,12 +279,39 @@ def test_stylegan2_encoder_space(space, distinct):
     assert (not torch.allclose(ws[:, 0], ws[:, 1])) == distinct
 
 
+def test_the_hybrid_holds_both_members_under_their_own_names():
+    from AnomalyFlagLib.config import FieldError, config_from_dict, config_to_dict
+    from AnomalyFlagLib.detectors.hybrid import HybridArchitecture, HybridOptions
+
+    backend = _tiny_backend("hybrid")
+    local, stylegan = _tiny_backend("restoration"), _tiny_backend("stylegan2")
+    assert set(backend.networks()) == set(local.networks()) | {"global_" + n for n in stylegan.networks()}
+    x, pos, body = _slices(2)
+    maps = backend.maps(x, pos, body)
+    assert list(maps) == [c.name for c in backend.components]
+    for name, value in backend.local.maps(x, pos, body).items():
+        assert torch.equal(maps[name], value), name
+    whole = backend.stylegan.maps(x, pos, body)["reconstruction"]
+    assert torch.allclose(maps["global"], whole) and maps["global"].shape == (2, TINY_SIZE, TINY_SIZE)
+
+    options = HybridOptions()
+    assert options.iterations == 4500 and options.global_gan_iterations == 2000  # each member's default
+    assert config_from_dict(HybridOptions, config_to_dict(options)) == options
+    with pytest.raises(FieldError, match="global_latent_dim"):
+        config_from_dict(HybridArchitecture, {**config_to_dict(HybridArchitecture()), "global_latent_dim": 1})
+    with pytest.raises(FieldError, match="global_share"):
+        dataclasses.replace(options, global_share=1.0).validate()
+    shares = {s.name: s.share for s in backend_class("hybrid").stages(options)}
+    assert shares["restoration"] == pytest.approx(0.6) and shares["gan"] + shares["encoder"] == pytest.approx(0.4)
+
+
 def test_seed_backends_offer_their_options_in_train_help(capsys):
     with pytest.raises(SystemExit):
         main(["train", "--help"])
     out = capsys.readouterr().out
     for flag in ("--encoder-space", "--r1-gamma", "--path-length-weight", "--latent-weight", "--reconstruction-weight",
-                 "--patch-size", "--patch-stride", "--start-size", "--grow-iterations"):  # fmt: skip
+                 "--patch-size", "--patch-stride", "--start-size", "--grow-iterations", "--global-share",
+                 "--global-latent-dim", "--global-no-position"):  # fmt: skip
         assert flag in out, flag
 
 

@@ -62,3 +62,20 @@ def test_slice_score_is_the_mean_of_the_top_area():
     assert float(out.pixel_map.min()) == 0.0, "below-normal values do not cancel other components"
     body[0, 0, 0, 0] = False
     assert float(scorer({"r": maps}, torch.zeros(1), body).score) == pytest.approx(2.0 * (1.0 + 0.0) / 2)
+
+
+def test_a_whole_slice_component_adds_to_the_score_but_not_to_the_map():
+    size = 16
+    statistics = MapStatisticsAccumulator(["r", "g"], bins=1, size=size, whole_slice=["g"]).finish(1.0, 0.0)
+    statistics.scale.fill_(1.0)
+    statistics.slice_weight.fill_(3.0)  # the calibration's ratio of the local score's spread to g's
+    config = ScoreConfig(map_sigma_mm=0.0, score_area_mm2=8.0)
+    scorer = MapScorer({"r": 2.0, "g": 0.5}, statistics, config, pixel_mm=2.0)
+    local = torch.zeros(1, size, size)
+    local[0, 0, 0] = local[0, 1, 1] = 4.0
+    whole = torch.full((1, size, size), 1.0)
+    whole[0, 8:, :] = 2.0
+    out = scorer({"r": local, "g": whole}, torch.zeros(1), torch.ones(1, 1, size, size, dtype=torch.bool))
+    assert torch.equal(out.pixel_map, 2.0 * local), "the map is the local components' alone"
+    assert float(out.components["g"]) == pytest.approx(2.0)
+    assert float(out.score) == pytest.approx(2.0 * 4.0 + 0.5 * 3.0 * 2.0)

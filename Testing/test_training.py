@@ -59,6 +59,29 @@ def test_cancelled_training_resumes_to_the_same_model(phantom_normal_dir, tiny_m
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("cancel_after", [13, 27], ids=["in-its-first-member", "in-its-second-member"])
+def test_a_composite_backend_resumes_to_the_same_model(phantom_normal_dir, tmp_path, cancel_after):
+    """The hybrid trains the restoration GAN (20 steps), then StyleGAN2 (12 + 12): a checkpoint holds both
+    members' networks, and a resumed run skips the finished member and ends with the same weights."""
+    backend, architecture, options, preprocess = tiny_configs("hybrid")
+    run = dict(device="cpu", log=lambda s: None, checkpoint_every=5)
+    whole = train(phantom_normal_dir, tmp_path / "whole", backend, architecture, options, preprocess, **run)
+    steps = []
+    stopping = dict(progress=lambda stage, *a: steps.append(stage), cancel=lambda: len(steps) >= cancel_after)
+    with pytest.raises(CancelledError):
+        train(phantom_normal_dir, tmp_path / "resumed", backend, architecture, options, preprocess, **stopping, **run)
+    resumed_at = []
+    resumed = train(phantom_normal_dir, tmp_path / "resumed", backend, architecture, options, preprocess,
+                    resume=True, progress=lambda stage, *a: resumed_at.append(stage), **run)  # fmt: skip
+    assert ("restoration" in resumed_at) == (cancel_after < 20), "a finished member is not trained again"
+    a, b = _weights(whole), _weights(resumed)
+    assert a.keys() == b.keys() and any(k.startswith("global_generator.") for k in a)
+    assert all(torch.equal(a[k], b[k]) for k in a), "resumed training must match an uninterrupted run"
+    weight = a["statistics.slice_weight"]
+    assert weight.shape == (1,) and 0 < float(weight) < 1e3 and float(weight) != 1.0, "fitted by the calibration"
+
+
+@pytest.mark.slow
 def test_resume_refuses_a_checkpoint_from_other_settings(phantom_normal_dir, tmp_path):
     steps = []
     with pytest.raises(CancelledError):

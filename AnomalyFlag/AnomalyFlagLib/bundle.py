@@ -343,7 +343,7 @@ def _check_fields(metadata: dict, cls, path: Path) -> Bundle:
     _check_weights(weights, names)
     statistics = None
     if calibration is not None:
-        statistics = MapStatistics([c.name for c in cls.components], scoring.position_bins, preprocess.image_size)
+        statistics = MapStatistics.for_components(cls.components, scoring.position_bins, preprocess.image_size)
     return Bundle(path, backend, options, preprocess, scoring, statistics, calibration, metadata, organ)
 
 

@@ -110,7 +110,8 @@ class OrganCalibration(Calibration):
         return cls(**asdict(calibration), labels=list(labels) if labels else None, margin_mm=float(margin_mm))
 
 
-def _robust(values: np.ndarray):
+def robust(values: np.ndarray):
+    """Median and robust standard deviation (MAD x 1.4826) of the values."""
     median = float(np.median(values))
     scale = float(np.median(np.abs(values - median)) * MAD_TO_SIGMA)
     return median, scale
@@ -137,14 +138,14 @@ def calibrate(
     # Merge position bins until each holds enough slices for a stable median and MAD.
     bins = max(1, min(position_bins, scores.size // MIN_SLICES_PER_BIN))
     edges = np.linspace(0.0, 1.0, bins + 1)
-    global_median, global_scale = _robust(scores)
+    global_median, global_scale = robust(scores)
     global_scale = max(global_scale, 1e-6 * max(1.0, abs(global_median)), 1e-12)
     medians, scales = [], []
     for b in range(bins):
         upper = positions <= edges[b + 1] if b == bins - 1 else positions < edges[b + 1]
         members = scores[(positions >= edges[b]) & upper]
         if members.size >= MIN_SLICES_PER_BIN:
-            median, scale = _robust(members)
+            median, scale = robust(members)
             scale = max(scale, 0.25 * global_scale)  # a near-constant bin must not blow scores up
         else:
             median, scale = global_median, global_scale

@@ -6,6 +6,11 @@ the component's overall spread, so that pixels where normal anatomy varies (bowe
 lung bases) cannot dominate and a pixel that never varies cannot blow up. The anomaly map is the
 weighted sum of max(z, 0) over the components, smoothed; the slice score is the mean of its top
 `score_area_mm2` inside the body. The heatmap shows exactly this map, so what is flagged is what is shown.
+
+A whole-slice component (a global reconstruction: high over the whole slice, not at one place) is kept
+out of the map. Its pooled value is added to the slice score with its weight times `slice_weight`, the
+ratio of the local score's spread to its own on held-out normal slices (fitted by the calibration), so
+that weight 1 gives both terms the same say on normal data.
 """
 
 from dataclasses import dataclass
@@ -76,11 +81,19 @@ class MapStatistics(torch.nn.Module):
     """Per-component, per-position-bin, per-pixel mean and floored scale of normal maps (buffers, so they
     are saved and checksummed with the networks)."""
 
-    def __init__(self, components: Sequence[str], bins: int, size: int):
+    def __init__(self, components: Sequence[str], bins: int, size: int, whole_slice: Sequence[str] = ()):
         super().__init__()
         self.names = list(components)
+        self.whole_slice = list(whole_slice)
         self.register_buffer("mean", torch.zeros(len(self.names), bins, size, size))
         self.register_buffer("scale", torch.ones(len(self.names), bins, size, size))
+        if self.whole_slice:  # only then: the bundles of other backends keep their tensor file
+            self.register_buffer("slice_weight", torch.ones(len(self.whole_slice)))
+
+    @classmethod
+    def for_components(cls, components, bins: int, size: int) -> "MapStatistics":
+        """Empty statistics for a backend's `ScoreComponent`s."""
+        return cls([c.name for c in components], bins, size, [c.name for c in components if c.whole_slice])
 
     @property
     def bins(self) -> int:
@@ -94,8 +107,9 @@ class MapStatistics(torch.nn.Module):
 class MapStatisticsAccumulator:
     """Sums of normal maps per bin, streamed batch by batch, turned into `MapStatistics` at the end."""
 
-    def __init__(self, components: Sequence[str], bins: int, size: int):
+    def __init__(self, components: Sequence[str], bins: int, size: int, whole_slice: Sequence[str] = ()):
         self.names = list(components)
+        self.whole_slice = list(whole_slice)
         shape = (len(self.names), bins, size, size)
         self.sum = torch.zeros(shape, dtype=torch.float64)
         self.sum_sq = torch.zeros(shape, dtype=torch.float64)
@@ -121,7 +135,7 @@ class MapStatisticsAccumulator:
         gives one mean and scale per component over the body (what one patient's slices can support: per
         pixel they would learn that patient's anatomy)."""
         bins = self.count.numel()
-        stats = MapStatistics(self.names, bins, self.sum.shape[-1])
+        stats = MapStatistics(self.names, bins, self.sum.shape[-1], self.whole_slice)
         total = self.count.sum().clamp_min(1)
         global_mean = self.sum.sum(dim=1) / total
         global_var = (self.sum_sq.sum(dim=1) / total - global_mean**2).clamp_min(0)
@@ -160,11 +174,15 @@ class MapScorer:
 
     def __call__(self, raw: Dict[str, torch.Tensor], positions: torch.Tensor, body: torch.Tensor) -> BatchScores:
         inside = body.reshape(body.shape[0], *body.shape[-2:]).float()
-        z = self.statistics.normalise(raw, positions)
-        pixel_map = sum(self.weights[name] * smooth(v.clamp_min(0), self.sigma_px) for name, v in z.items())
-        pixel_map = pixel_map * inside
-        components = {name: self.pool(smooth(v.clamp_min(0), self.sigma_px) * inside) for name, v in z.items()}
-        return BatchScores(self.pool(pixel_map), components, pixel_map)
+        z = {name: smooth(v.clamp_min(0), self.sigma_px) * inside for name, v in
+             self.statistics.normalise(raw, positions).items()}  # fmt: skip
+        whole = self.statistics.whole_slice
+        pixel_map = sum(self.weights[name] * v for name, v in z.items() if name not in whole)
+        components = {name: self.pool(v) for name, v in z.items()}
+        score = self.pool(pixel_map)
+        for k, name in enumerate(whole):
+            score = score + self.weights[name] * self.statistics.slice_weight[k] * components[name]
+        return BatchScores(score, components, pixel_map)
 
     def pool(self, maps: torch.Tensor) -> torch.Tensor:
         """The localised slice score of (n, S, S) maps: the mean of their top `score_area_mm2`."""

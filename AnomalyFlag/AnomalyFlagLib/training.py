@@ -12,7 +12,7 @@ import torch
 
 from .atomic_files import atomic_path
 from .bundle import Bundle, load_bundle, new_bundle, save_bundle
-from .calibration import Calibration, OrganCalibration, calibrate
+from .calibration import Calibration, OrganCalibration, calibrate, robust
 from .config import PreprocessConfig, ScoreConfig
 from .data_parallel import DataParallel, process_group
 from .detectors import DEFAULT_BACKEND, TrainingData, TrainingRun, backend_class
@@ -70,18 +70,23 @@ class Checkpointer:
             )
         return state
 
-    def restore(self, networks, optimizers, generator: torch.Generator, rank: int = 0) -> dict:
-        """Load the saved state into the networks, optimisers and this process's random generator;
-        returns the saved position ({stage, step, spent, done}), or {} when starting afresh."""
+    def restore(self, networks, optimizers, generator: Optional[torch.Generator], rank: int = 0) -> dict:
+        """Load the saved state of these networks and optimisers (and, given one, of this process's random
+        generator); returns the saved position ({stage, step, spent, done}), or {} when starting afresh.
+
+        A composite backend restores its members one by one: a name the checkpoint does not hold is a
+        member that had not started training when it was written, and keeps its initial state."""
         state = self._load()
         if state is None:
             return {}
-        self._loaded = None  # the tensors now live in the networks; later checkpoints supersede the file
         for name, net in networks.items():
-            net.load_state_dict(state["networks"][name])
+            if name in state["networks"]:  # popped: the tensors now live in the network
+                net.load_state_dict(state["networks"].pop(name))
         for name, opt in optimizers.items():
-            opt.load_state_dict(state["optimizers"][name])
-        generator.set_state((state.get("rng_processes") or [state["rng"]])[rank])
+            if name in state["optimizers"]:
+                opt.load_state_dict(state["optimizers"].pop(name))
+        if generator is not None:
+            generator.set_state((state.get("rng_processes") or [state["rng"]])[rank])
         return dict(state["where"])
 
     def save(self, networks, optimizers, generator_states: List[torch.Tensor], where: dict) -> None:
@@ -128,6 +133,7 @@ def calibrate_on(bundle: Bundle, slices: SliceSet, num_cases: int, device, targe
         raise InputError(f"cannot calibrate: {exc}.") from None
     spec = InputSpec.from_config(bundle.preprocess)
     names = [c.name for c in bundle.components]
+    whole = [c.name for c in bundle.components if c.whole_slice]
     raw, bodies = {name: [] for name in names}, []
     for k0 in range(0, len(slices), CALIBRATION_BATCH):
         x = slices.images[k0 : k0 + CALIBRATION_BATCH].float().to(device)
@@ -144,14 +150,15 @@ def calibrate_on(bundle: Bundle, slices: SliceSet, num_cases: int, device, targe
     per_pixel = len(torch.unique(slices.case_index)) >= 2
 
     def statistics(keep: torch.Tensor):
-        acc = MapStatisticsAccumulator(names, sc.position_bins, size)
+        acc = MapStatisticsAccumulator(names, sc.position_bins, size, whole)
         kept = torch.nonzero(keep).flatten()
         for k0 in range(0, len(kept), 256):
             idx = kept[k0 : k0 + 256]
             acc.add({n: raw[n][idx].float() for n in names}, slices.positions[idx], body[idx])
         return acc.finish(sc.pixel_floor, STATISTICS_SIGMA_PX, per_pixel)
 
-    scores = torch.zeros(len(slices))
+    scores = torch.zeros(len(slices))  # of the map alone: the whole-slice terms are added below
+    whole_values = torch.zeros(len(whole), len(slices))
     organ_scores = torch.full((len(slices),), float("nan"))
     pixels = []
     budget = max(1, MAX_CALIBRATION_PIXELS // max(1, (len(slices) + 255) // 256))
@@ -161,6 +168,8 @@ def calibrate_on(bundle: Bundle, slices: SliceSet, num_cases: int, device, targe
         if not fit_on.any() or not apply_to.any():
             fit_on = apply_to = torch.ones(len(slices), dtype=torch.bool)  # too few slices to split
         bundle.statistics = statistics(fit_on).to(device)
+        if whole:
+            bundle.statistics.slice_weight.zero_()
         scorer = bundle.map_scorer()
         idx_all = torch.nonzero(apply_to).flatten()
         for k0 in range(0, len(idx_all), 256):
@@ -168,6 +177,8 @@ def calibrate_on(bundle: Bundle, slices: SliceSet, num_cases: int, device, targe
             maps = {n: raw[n][idx].float().to(device) for n in names}
             s = scorer(maps, slices.positions[idx].to(device), body[idx].to(device))
             scores[idx] = s.score.float().cpu()
+            for k, name in enumerate(whole):
+                whole_values[k, idx] = s.components[name].float().cpu()
             if slices.regions is not None:
                 region = slices.regions[idx].to(device)
                 organ = scorer.pool(s.pixel_map.float() * region[:, 0]).cpu()
@@ -177,6 +188,11 @@ def calibrate_on(bundle: Bundle, slices: SliceSet, num_cases: int, device, targe
                 inside = inside[torch.randperm(inside.numel(), generator=gen)[:budget]]
             pixels.append(inside)
     bundle.statistics = statistics(torch.ones(len(slices), dtype=torch.bool)).to(device)
+    if whole:
+        spread = [max(robust(v.numpy())[1], 1e-6) for v in whole_values]
+        bundle.statistics.slice_weight.copy_(torch.tensor([robust(scores.numpy())[1] / v for v in spread]))
+        weights = torch.tensor([c.weight for c in bundle.components if c.whole_slice])
+        scores = scores + ((weights * bundle.statistics.slice_weight.cpu())[:, None] * whole_values).sum(dim=0)
     context, _ = neighbour_max(scores.numpy(), slices.case_index.numpy(), slices.slice_index.numpy(),
                                sc.neighbour_slices)  # fmt: skip
     pixel_values = torch.cat(pixels).numpy()

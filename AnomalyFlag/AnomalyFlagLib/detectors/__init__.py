@@ -33,6 +33,8 @@ def register_backend(cls: Type[DetectorBackend]) -> Type[DetectorBackend]:
     clash = {c.name for c in cls.components} & set(LEADING_COLUMNS + TRAILING_COLUMNS)
     if clash:
         raise ValueError(f"backend {cls.name}: component names {sorted(clash)} are reserved slice-table columns")
+    if all(c.whole_slice for c in cls.components):
+        raise ValueError(f"backend {cls.name}: every score component is whole-slice; the anomaly map needs one map")
     if cls.name in BACKENDS and BACKENDS[cls.name] is not cls:
         raise ValueError(f"a detector backend named '{cls.name}' is already registered")
     BACKENDS[cls.name] = cls
@@ -51,13 +53,14 @@ def _register_builtins() -> None:
     from .descargan import DeScarGANBackend
     from .fanogan import FAnoGANBackend
     from .ganomaly import GANomalyBackend
+    from .hybrid import HybridBackend
     from .normative import NormativeBackend
     from .progressive_ganomaly import ProgressiveGANomalyBackend
     from .restoration import RestorationBackend
     from .stylegan2 import StyleGAN2Backend
 
     builtins = (RestorationBackend, FAnoGANBackend, NormativeBackend, StyleGAN2Backend, GANomalyBackend,
-                ProgressiveGANomalyBackend, ASCNetBackend, DeScarGANBackend)  # fmt: skip
+                ProgressiveGANomalyBackend, ASCNetBackend, DeScarGANBackend, HybridBackend)  # fmt: skip
     for cls in builtins:
         register_backend(cls)
 

@@ -25,11 +25,16 @@ CancelFn = Callable[[], bool]
 
 @dataclass(frozen=True)
 class ScoreComponent:
-    """A named pixel map of a backend: its CSV column, its description and its weight in the score."""
+    """A named pixel map of a backend: its CSV column, its description and its weight in the score.
+
+    A `whole_slice` component is a term of the whole slice (a global reconstruction) rather than a map
+    that points at a place: it is left out of the anomaly map, and its pooled value, scaled to the spread
+    of the local score on held-out normal slices, is added to the slice score (see maps.MapScorer)."""
 
     name: str
     description: str
     weight: float = 1.0
+    whole_slice: bool = False
 
 
 @dataclass(frozen=True)
@@ -112,11 +117,20 @@ class TrainingRun:
         self.stage_shares: Dict[str, float] = {}
         self.steps_done: Dict[str, int] = {}
         self._state: dict = {}
+        self._networks: Dict[str, torch.nn.Module] = {}  # everything restored so far: what a checkpoint saves
+        self._optimizers: Dict[str, torch.optim.Optimizer] = {}
 
     def restore(self, networks: Dict[str, torch.nn.Module], optimizers: Dict[str, torch.optim.Optimizer]) -> None:
         """Load a resumed run's weights, optimiser states and random state (nothing when starting afresh);
-        with several processes, start all from rank 0's weights and average gradients at every step."""
-        self._state = self.checkpoint.restore(networks, optimizers, self.generator, self.parallel.rank)
+        with several processes, start all from rank 0's weights and average gradients at every step.
+        Called again (a composite backend's next member), it adds those networks to the run; the random
+        state and the position come from the first call only."""
+        first = not self._networks
+        where = self.checkpoint.restore(networks, optimizers, self.generator if first else None, self.parallel.rank)
+        if first:
+            self._state = where
+        self._networks.update(networks)
+        self._optimizers.update(optimizers)
         self.parallel.synchronise(networks, optimizers)
 
     def run_stage(
@@ -174,7 +188,7 @@ class TrainingRun:
         self.parallel.average_buffers(networks)
         states = self.parallel.gather_generator_states(self.generator)
         if self.parallel.rank == 0:
-            self.checkpoint.save(networks, optimizers, states, where)
+            self.checkpoint.save({**self._networks, **networks}, {**self._optimizers, **optimizers}, states, where)
 
     def _allotted(self, stage: TrainingStage) -> Optional[float]:
         """Seconds this stage may use: its share of the time left, counting the stages still to run."""

@@ -398,3 +398,31 @@ def test_a_stage_ends_when_the_backend_reports_convergence():
     seen = []
     run.run_stage(TrainingStage("s", "s"), 10, lambda k, f: seen.append(k) or {"converged": float(k == 3)}, {}, {})
     assert seen == [0, 1, 2, 3] and run.steps_done == {"s": 4}
+
+
+@pytest.mark.slow
+def test_a_hybrid_assembled_from_two_trained_bundles_scores_as_its_members(phantom_normal_dir, tiny_model, tmp_path):
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+    import assemble_hybrid
+
+    backend, architecture, options, preprocess = tiny_configs("stylegan2")
+    stylegan = train(phantom_normal_dir, tmp_path / "sg2", backend, architecture, options, preprocess, device="cpu",
+                     log=lambda s: None)  # fmt: skip
+    out = tmp_path / "hybrid"
+    args = ["--restoration", str(tiny_model), "--stylegan2", str(stylegan), "--calibrate-on", str(phantom_normal_dir)]
+    assert assemble_hybrid.main(args + ["--output", str(out)]) == 0
+    from AnomalyFlagLib.training import recalibrate
+
+    case = _scans(phantom_normal_dir)[0]
+    members = [recalibrate(m, phantom_normal_dir, tmp_path / f"re{k}", log=lambda s: None)
+               for k, m in enumerate((tiny_model, stylegan))]  # fmt: skip
+    hybrid, members = Scorer(out).score(case), [Scorer(m).score(case) for m in members]
+    for name in ("reconstruction", "feature", "discriminative"):  # statistics fitted on the same slices
+        assert np.allclose(hybrid.slices[name], members[0].slices[name], atol=1e-5), name
+    assert np.allclose(hybrid.slices["global"], members[1].slices["reconstruction"], atol=1e-5)
+    with pytest.raises(SystemExit, match="not 'stylegan2'"):
+        assemble_hybrid.main(["--restoration", str(tiny_model), "--stylegan2", str(tiny_model), "--calibrate-on",
+                              str(phantom_normal_dir), "--output", str(tmp_path / "no")])  # fmt: skip

@@ -50,7 +50,11 @@ class HybridBackend(DetectorBackend):
     Options = HybridOptions
     components = RestorationBackend.components + (
         ScoreComponent(
-            "global", "StyleGAN2 whole-slice residual |x - G(E(x))|, normalised by normal slices", 1.0, whole_slice=True
+            "global",
+            "StyleGAN2 residual |x - G(E(x))| of the whole slice, normalised; adds to the slice score, not "
+            "drawn in the heatmap",
+            1.0,
+            whole_slice=True,
         ),
     )
 

@@ -199,6 +199,18 @@ class Page:
         )
         return self.text(selector)
 
+    def stroke(self, dx=-60, dy=-40, steps=20):
+        """A mouse drag across the slice view from (centre + (dx, dy)) to (centre - (dx, dy))."""
+        box = self.page.locator("#slice-view img.image-display-area").bounding_box()
+        cx, cy = box["x"] + box["width"] * 0.5, box["y"] + box["height"] * 0.5
+        self.page.mouse.move(cx + dx, cy + dy)
+        self.page.mouse.down()
+        for step in range(1, steps + 1):
+            t = step / steps
+            self.page.mouse.move(cx + dx * (1 - 2 * t), cy + dy * (1 - 2 * t))
+            time.sleep(0.05)
+        self.page.mouse.up()
+
     def shot(self, name):
         time.sleep(1.0)  # the next streamed frame of the view
         path = self.artefacts / f"{len(self.shots) + 1:02d}_{name}.png"
@@ -266,14 +278,11 @@ def test_review_loop_in_the_browser(browser, outputs, artefacts, servers, tmp_pa
     page.page.wait_for_selector("#editor-panel")
     assert f"slice {recontoured}" in page.text("#editor-panel")
     page.shot("editor_open")
-    box = page.page.locator("#slice-view img.image-display-area").bounding_box()
-    cx, cy = box["x"] + box["width"] * 0.5, box["y"] + box["height"] * 0.5
-    page.page.mouse.move(cx - 60, cy - 40)
-    page.page.mouse.down()
-    for step in range(1, 21):
-        page.page.mouse.move(cx - 60 + 6 * step, cy - 40 + 4 * step)
-        time.sleep(0.05)
-    page.page.mouse.up()
+    page.stroke()  # painted, then undone: the editor's undo
+    page.page.wait_for_selector("#undo-edit:not([disabled])")
+    page.page.click("#undo-edit")
+    page.page.wait_for_selector("#undo-edit[disabled]")
+    page.stroke()
     page.page.wait_for_selector("#undo-edit:not([disabled])")
     page.shot("editor_painted")
     assert not CaseFiles(outputs, case).label_version(1).exists()
@@ -321,7 +330,7 @@ def test_review_loop_in_the_browser(browser, outputs, artefacts, servers, tmp_pa
 
 
 @pytest.mark.slow
-def test_abnormal_undo_and_next_case(browser, outputs, artefacts, servers, tmp_path):
+def test_abnormal_undo_next_case_erase_and_cancel(browser, outputs, artefacts, servers, tmp_path):
     case, flagged = _first_case_with_flags(outputs, 1)
     rows = read_worklist(outputs / "worklist.csv")
     server = ReviewServer(outputs, "Dr Web", tmp_path / "server.log")
@@ -343,6 +352,42 @@ def test_abnormal_undo_and_next_case(browser, outputs, artefacts, servers, tmp_p
         page.shot("next_case")
         page.page.click("#previous-case")
         page.wait_for_text("#case-text", f"{case} (1 of {len(rows)})")
+        page.wait_for_view()
+
+    # Erase on a slice, then Cancel: the edit is undone and nothing is saved or decided
+    target = _sidecar(outputs, case)[0]["queue"][0]["slice"]
+    page.page.click(f"#slice-{target}")
+    page.wait_for_text("#view-text", f"slice {target},")
+    page.page.keyboard.press("r")
+    page.page.wait_for_selector("#editor-panel")
+    page.page.click("#erase")
+    page.stroke(dx=-30, dy=0)
+    page.page.wait_for_selector("#undo-edit:not([disabled])")
+    page.shot("erased")
+    page.page.click("#cancel-recontour")
+    page.page.wait_for_selector("#editor-panel", state="detached")
+    assert "pending" in page.text(f"#decision-{target}") and target not in _sidecar(outputs, case)[1]
+    assert not list(outputs.glob(f"{case}_seg_v*.seg.nrrd"))
+    # recontouring again and finishing at once measures no change: Cancel restored the segment
+    page.page.keyboard.press("r")
+    page.page.wait_for_selector("#editor-panel")
+    page.page.click("#finish")
+    page.wait_for_text(f"#decision-{target}", "recontoured")
+    assert _sidecar(outputs, case)[1][target]["change"]["changed_voxels"] == 0
+    # and an erase stroke that is finished changes the segment
+    second = _sidecar(outputs, case)[0]["queue"][1]["slice"]
+    page.page.click(f"#slice-{second}")
+    page.wait_for_text("#view-text", f"slice {second},")
+    page.page.click("#recontour")
+    page.page.wait_for_selector("#editor-panel")
+    page.page.click("#erase")
+    page.stroke(dx=-30, dy=0)
+    page.page.wait_for_selector("#undo-edit:not([disabled])")
+    page.page.click("#finish")
+    page.wait_for_text(f"#decision-{second}", "recontoured")
+    change = _sidecar(outputs, case)[1][second]["change"]
+    assert change["changed_voxels"] > 0 and change["dice"] < 1.0
+    assert len(list(outputs.glob(f"{case}_seg_v*.seg.nrrd"))) == 2  # one new version per Finish
     page.close()
 
 

@@ -350,6 +350,14 @@ class ReviewController:
     # ------------------------------------------------------------------ worklist
 
     @property
+    def loadedCase(self) -> dict:
+        """The case loaded from the worklist: dict(case, volume, heatmap, segmentation), or {} (also while its
+        review could not be opened)."""
+        if self._loadedCase is None:
+            return {}
+        return {k: self._loadedCase.get(k) for k in ("case", "volume", "heatmap", "segmentation")}
+
+    @property
     def worklistRows(self) -> list:
         """Rows of the loaded worklist.csv (rank, case, max_normalised_score, flagged_slices, ...)."""
         return list(self._worklist["rows"]) if self._worklist else []

@@ -111,7 +111,7 @@ class ReviewServerApp:
             "reviewer": str(reviewer or "").strip(), "errorText": "", "infoText": "", "caseText": "",
             "progressText": "", "queueItems": [], "currentSlice": -1, "viewText": "", "chartSvg": "",
             "editing": False, "effect": "", "canUndo": False, "note": "", "reviewOpen": False,
-            "canPrevious": False, "canNext": False, "labelText": "", "keyCount": 0, "openError": "",
+            "canPrevious": False, "canNext": False, "labelText": "", "openError": "",
         })  # fmt: skip
         self.server.trigger("anomalyflag_key")(self.onKey)
         self._buildUi()
@@ -152,7 +152,7 @@ class ReviewServerApp:
         if case:
             summary, self._table = read_scored_case(self.inputFolder, case)
             self._threshold = summary.get("threshold")
-        loaded = self.review._loadedCase or {}
+        loaded = self.review.loadedCase
         volume = self.review.reviewCase.get("volume") or loaded.get("volume")
         view = self.sliceView
         if volume is None or view is None:
@@ -182,7 +182,7 @@ class ReviewServerApp:
 
     def viewSliceIndex(self):
         """(slice index, RAS centre) the slice view shows now, read back from its slice node."""
-        volume = self.review.reviewCase.get("volume") or (self.review._loadedCase or {}).get("volume")
+        volume = self.review.reviewCase.get("volume") or self.review.loadedCase.get("volume")
         view = self.sliceView
         if volume is None or view is None:
             return None, None
@@ -334,8 +334,6 @@ class ReviewServerApp:
         """A key pressed in the page (outside text fields)."""
         action = REVIEW_KEYS.get(str(key).lower())
         if action is not None:
-            with self.state:
-                self.state.keyCount += 1
             getattr(self, action)()
 
     def _onUndoChanged(self, *_args):

@@ -213,7 +213,7 @@ class Page:
 
     def shot(self, name):
         time.sleep(1.0)  # the next streamed frame of the view
-        path = self.artefacts / f"{len(self.shots) + 1:02d}_{name}.png"
+        path = self.artefacts / f"{len(list(self.artefacts.glob('*.png'))) + 1:02d}_{name}.png"  # one run per test
         self.page.screenshot(path=str(path))
         self.shots.append(path)
         return path
@@ -456,6 +456,7 @@ def test_unwritable_folder_is_shown_in_the_page(browser, outputs, artefacts, ser
         os.chmod(outputs, 0o755)
 
 
+@pytest.mark.slow
 def test_host_other_than_localhost_warns_that_there_is_no_authentication(outputs, servers, tmp_path):
     server = ReviewServer(outputs, "Dr Web", tmp_path / "server.log", host="127.0.0.2")
     servers.append(server)

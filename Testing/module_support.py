@@ -19,6 +19,10 @@ UI_FILE = MODULE_DIR / "Resources" / "UI" / "AnomalyFlag.ui"
 MODULE_CMAKE = MODULE_DIR / "CMakeLists.txt"
 TOP_CMAKE = ROOT / "CMakeLists.txt"
 PACKAGES = ("AnomalyFlagLib", "AnomalyFlagMRML", "AnomalyFlagWidgets")
+"""The packages of the Slicer module (shipped by its CMakeLists.txt, imported by Slicer's Python)."""
+WEB_PACKAGE = "AnomalyFlagWeb"
+"""The browser review app: beside the module's packages, never shipped in the extension nor imported by Slicer
+(it needs trame-slicer and Python 3.10+); installed by pip with the review-server extra."""
 REVIEW_SECTION_FILE = MODULE_DIR / "AnomalyFlagWidgets" / "reviewSection.py"
 GUI_FILES = (MODULE_FILE, REVIEW_SECTION_FILE)
 """The files that bind the panel's widgets (self.ui.<name>)."""

@@ -1,5 +1,7 @@
 """Helpers for the review tests: synthetic scoring outputs written by the library's own writer."""
 
+import os
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -45,3 +47,13 @@ def make_case_outputs(folder, case="case1", num_slices=40, flagged=(3, 7, 8, 15,
     assert result.flagged_indices == sorted(flagged)
     write_case_files(result, folder)
     return Path(folder)
+
+
+def without_write_permission_bypass():
+    """Command prefix under which permission bits apply (root bypasses them otherwise), or None."""
+    if os.geteuid() != 0:
+        return []
+    setpriv = shutil.which("setpriv")
+    if setpriv is None:
+        return None
+    return [setpriv, "--bounding-set=-dac_override,-dac_read_search", "--"]

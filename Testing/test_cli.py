@@ -189,3 +189,22 @@ def test_a_margin_given_to_the_library_is_checked_too(tiny_model, phantom_anomal
         Scorer(tiny_model, device="cpu").score(scan, roi=roi, roi_margin_mm=float("nan"))
     with pytest.raises(InputError, match="ROI labels"):
         Scorer(tiny_model, device="cpu").score(scan, roi=roi, roi_labels=["liver"])
+
+
+def test_review_server_refuses_a_missing_folder_before_starting_anything(tmp_path, capsys):
+    assert main(["review-server", "--input", str(tmp_path / "nowhere")]) == EXIT_USAGE
+    assert "is not a folder of scored cases" in capsys.readouterr().err
+
+
+def test_review_server_names_the_extra_when_trame_slicer_is_missing(tmp_path):
+    script = (
+        "import importlib.util, sys\n"
+        "real = importlib.util.find_spec\n"
+        "importlib.util.find_spec = lambda name, *a: None if name == 'trame_slicer' else real(name, *a)\n"
+        "from AnomalyFlagLib.cli import main\n"
+        "sys.exit(main(['review-server', '--input', sys.argv[1]]))\n"
+    )
+    run = subprocess.run([sys.executable, "-c", script, str(tmp_path)], capture_output=True, text=True, timeout=120,
+                         env=dict(os.environ, PYTHONPATH=str(ROOT / "AnomalyFlag")))  # fmt: skip
+    assert run.returncode == EXIT_USAGE, run.stderr
+    assert "trame_slicer" in run.stderr and "pip install -e '.[review-server]'" in run.stderr

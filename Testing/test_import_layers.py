@@ -17,19 +17,25 @@ from module_support import (
     MODULE_DIR,
     MODULE_FILE,
     PACKAGES,
+    WEB_PACKAGE,
     parameter_node_fields,
     python_files,
 )
 
 HEAVY_MODULES = {"torch", "monai", "safetensors"}
-PROJECT = ("AnomalyFlag", "AnomalyFlagDependencies") + PACKAGES
+PROJECT = ("AnomalyFlag", "AnomalyFlagDependencies") + PACKAGES + (WEB_PACKAGE,)
+WEB_SIDE = {WEB_PACKAGE, "trame", "trame_slicer", "trame_server", "trame_client", "wslink"}
 LAYER_RULES = {
     "AnomalyFlagLib": {"AnomalyFlag", "AnomalyFlagMRML", "AnomalyFlagWidgets", "slicer", "vtk", "vtkmodules", "qt",
-                       "ctk", "PythonQt", "mrml"},
-    "AnomalyFlagMRML": {"AnomalyFlag", "AnomalyFlagWidgets", "qt", "ctk", "PythonQt"},
-    "AnomalyFlagWidgets": {"AnomalyFlag"},
+                       "ctk", "PythonQt", "mrml"} | WEB_SIDE,
+    "AnomalyFlagMRML": {"AnomalyFlag", "AnomalyFlagWidgets", "qt", "ctk", "PythonQt"} | WEB_SIDE,
+    "AnomalyFlagWidgets": {"AnomalyFlag"} | WEB_SIDE,
+    WEB_PACKAGE: {"AnomalyFlag", "AnomalyFlagWidgets", "qt", "ctk", "PythonQt"},
 }  # fmt: skip
-"""What the modules of each package must not import (anywhere in the file, not only at load time)."""
+"""What the modules of each package must not import (anywhere in the file, not only at load time). The browser
+app (AnomalyFlagWeb) sits beside the Slicer module: it uses the library and the bridge, never the module's Qt
+side, and nothing below it (nor the module) imports it. The library's `review-server` command runs it as a
+separate program (`python -m AnomalyFlagWeb`), which is no import."""
 
 
 def module_level_imports(py_source: str) -> set:
@@ -62,7 +68,7 @@ def module_level_imports(py_source: str) -> set:
 
 def _project_files():
     files = [MODULE_FILE, DEPENDENCIES_FILE]
-    for package in PACKAGES:
+    for package in PACKAGES + (WEB_PACKAGE,):
         files += python_files(MODULE_DIR / package)
     return files
 
@@ -136,6 +142,19 @@ def test_bridge_imports_with_qt_and_torch_blocked():
     assert run.returncode == 0, run.stderr[-3000:]
     expected = {p.stem for p in (MODULE_DIR / "AnomalyFlagMRML").glob("*.py")} - {"__init__"}
     assert set(run.stdout.strip().splitlines()[-1].split(",")) == expected
+
+
+def test_web_app_imports_with_qt_blocked():
+    pytest.importorskip("trame_slicer")
+    run = _import_all(MODULE_DIR, WEB_PACKAGE, "qt,ctk,PythonQt")
+    assert run.returncode == 0, run.stderr[-3000:]
+    expected = {p.stem for p in (MODULE_DIR / WEB_PACKAGE).glob("*.py")} - {"__init__", "__main__"}
+    assert set(run.stdout.strip().splitlines()[-1].split(",")) == expected
+
+
+def test_slicer_module_never_imports_the_web_app():
+    for path in (MODULE_FILE, DEPENDENCIES_FILE):
+        assert not imported_names(path.read_text()) & WEB_SIDE, path.name
 
 
 def test_module_file_imports_nothing_heavy_at_load_time():

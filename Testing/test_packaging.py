@@ -17,6 +17,7 @@ from module_support import (
     PACKAGES,
     ROOT,
     TOP_CMAKE,
+    WEB_PACKAGE,
     cmake_sets,
     python_files,
     strip_cmake_comments,
@@ -55,7 +56,8 @@ def packaging_problems(scripts: list, resources: list, module_dir: Path = MODULE
     for relative in scripts + resources:
         if not (module_dir / relative).is_file():
             problems.append(f"listed but missing: {relative}")
-    expected = {p.relative_to(module_dir).as_posix() for p in python_files(module_dir)}
+    expected = {p.relative_to(module_dir).as_posix() for p in python_files(module_dir)
+                if p.relative_to(module_dir).parts[0] != WEB_PACKAGE}  # fmt: skip
     for missing in sorted(expected - set(scripts)):
         problems.append(f"not listed in MODULE_PYTHON_SCRIPTS: {missing}")
     return problems
@@ -66,6 +68,7 @@ def test_cmake_lists_every_python_file_and_every_listed_file_exists():
     assert "AnomalyFlag.py" in scripts and "AnomalyFlagDependencies.py" in scripts
     for package in PACKAGES:
         assert f"{package}/__init__.py" in scripts
+    assert not [s for s in scripts if s.startswith(f"{WEB_PACKAGE}/")]  # the browser app is not Slicer's
     assert packaging_problems(scripts, listed_resources()) == []
 
 

@@ -308,3 +308,24 @@ def test_bad_inputs_are_refused_and_leave_the_decisions_intact(mrml_scene, fresh
     with pytest.raises(SessionError, match="score the case first"):
         logic.openReview(out, "nowhere", "Dr Bob")
     assert logic.worklistRows and logic.reviewCase == {}
+
+
+def test_review_folder_without_a_worklist_walks_the_scored_cases_in_name_order(mrml_scene, fresh_outputs, tmp_path):  # noqa: F811
+    _scans, out = fresh_outputs
+    ranked = [r["case"] for r in read_worklist(out / "worklist.csv")]
+    (out / "worklist.csv").unlink()
+    logic = ReviewController()
+    with pytest.raises(InputError, match="worklist"):
+        logic.loadWorklist(out)
+    loaded = logic.loadReviewFolder(out, reviewer="Dr Ann")
+    assert logic.loadedCase == {k: loaded[k] for k in ("case", "volume", "heatmap", "segmentation")}
+    assert loaded["case"] == sorted(ranked)[0] and [r["case"] for r in logic.worklistRows] == sorted(ranked)
+    assert loaded["volume"] is not None and loaded["heatmap"] is not None and loaded["segmentation"] is not None
+    assert logic.reviewSession is not None and logic.reviewSession.reviewer == "Dr Ann"
+    assert logic.nextCase()["case"] == sorted(ranked)[1]
+    logic.unloadCase()
+    assert logic.loadedCase == {}
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(InputError, match="no scored cases"):
+        logic.loadReviewFolder(empty)

@@ -25,7 +25,7 @@ from AnomalyFlagLib.review.session import (
     load_sidecar,
     read_lock,
 )
-from review_support import make_case_outputs
+from review_support import make_case_outputs, without_write_permission_bypass
 
 FLAGGED = (3, 7, 8, 15, 20, 31)
 BY_SCORE = [31, 20, 15, 8, 7, 3]  # normalised scores rise along FLAGGED
@@ -379,16 +379,6 @@ print("opened")
 """
 
 
-def _without_write_permission_bypass():
-    """Command prefix under which permission bits apply (root bypasses them otherwise), or None."""
-    if os.geteuid() != 0:
-        return []
-    setpriv = shutil.which("setpriv")
-    if setpriv is None:
-        return None
-    return [setpriv, "--bounding-set=-dac_override,-dac_read_search", "--"]
-
-
 def _open_in_child(prefix, folder):
     return subprocess.run(
         [*prefix, sys.executable, "-c", textwrap.dedent(OPEN_ONLY), str(folder)],
@@ -400,7 +390,7 @@ def _open_in_child(prefix, folder):
 
 @pytest.mark.parametrize("existing_sidecar", [False, True], ids=["new", "resume"])
 def test_unwritable_folder_is_refused_at_open(existing_sidecar):
-    prefix = _without_write_permission_bypass()
+    prefix = without_write_permission_bypass()
     if prefix is None:
         pytest.skip("running as root without setpriv: permission bits cannot be enforced")
     folder = Path(tempfile.mkdtemp(prefix="anomalyflag-ro-"))

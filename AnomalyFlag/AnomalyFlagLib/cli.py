@@ -220,6 +220,7 @@ def _parser() -> argparse.ArgumentParser:
     p = sub.add_parser("info", help="print a model bundle's metadata after verifying it")
     p.add_argument("--model", required=True)
     _add_active_learning_parsers(sub)
+    _add_review_server_parser(sub)
     return parser
 
 
@@ -474,6 +475,41 @@ def _cmd_export_training(a):
           f"({meta['recontoured_slices']} recontoured slices) written to {a.output}")  # fmt: skip
 
 
+REVIEW_SERVER_MODULE = "AnomalyFlagWeb"
+"""The browser review app (a package beside the Slicer module's, with the `review-server` extra). The library
+does not import it: `review-server` runs it as its own program, `python -m AnomalyFlagWeb`."""
+
+
+def _add_review_server_parser(sub):
+    p = sub.add_parser("review-server", help="review flagged slices in the browser (needs the review-server extra)")
+    p.add_argument("--input", required=True, help="folder of scored cases (worklist.csv or <case>_summary.json files)")
+    p.add_argument("--port", type=int, default=8080, help="port to serve on (default 8080)")
+    p.add_argument("--reviewer", default="", help="reviewer's name (else asked for in the page)")
+    p.add_argument("--host", default="localhost",
+                   help="address to bind (default localhost; any other is reached without authentication)")  # fmt: skip
+
+
+def _cmd_review_server(a):
+    import importlib.util
+    import os
+
+    from .errors import InputError
+
+    if not Path(a.input).is_dir():
+        raise InputError(f"'{a.input}' is not a folder of scored cases.")
+    missing = [m for m in ("trame_slicer", REVIEW_SERVER_MODULE) if importlib.util.find_spec(m) is None]
+    if sys.version_info < (3, 10) or missing:
+        raise InputError(
+            "the review server needs Python 3.10+ and the review-server extra "
+            f"(missing: {', '.join(missing) or 'Python 3.10'}); from a clone: pip install -e '.[review-server]'."
+        )
+    argv = [sys.executable, "-m", REVIEW_SERVER_MODULE, "--input", str(a.input), "--port", str(a.port),
+            "--host", a.host, "--reviewer", a.reviewer]  # fmt: skip
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execv(sys.executable, argv)  # the server replaces this process: one process to stop, same exit status
+
+
 COMMANDS = {
     "train": _cmd_train,
     "calibrate": _cmd_calibrate,
@@ -482,6 +518,7 @@ COMMANDS = {
     "info": _cmd_info,
     "worklist": _cmd_worklist,
     "export-training": _cmd_export_training,
+    "review-server": _cmd_review_server,
 }
 
 

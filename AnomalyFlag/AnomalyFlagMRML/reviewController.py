@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 from AnomalyFlagLib.errors import AnomalyFlagError, InputError, SessionError
 from AnomalyFlagLib.geometry import Geometry
-from AnomalyFlagLib.io.scored_case import CaseFiles, read_scored_case
+from AnomalyFlagLib.io.scored_case import CaseFiles, read_scored_case, scored_cases
 from AnomalyFlagLib.review.active_learning import WORKLIST_NAME, read_worklist
 from AnomalyFlagLib.review.session import ReviewSession
 
@@ -350,6 +350,14 @@ class ReviewController:
     # ------------------------------------------------------------------ worklist
 
     @property
+    def loadedCase(self) -> dict:
+        """The case loaded from the worklist: dict(case, volume, heatmap, segmentation), or {} (also while its
+        review could not be opened)."""
+        if self._loadedCase is None:
+            return {}
+        return {k: self._loadedCase.get(k) for k in ("case", "volume", "heatmap", "segmentation")}
+
+    @property
     def worklistRows(self) -> list:
         """Rows of the loaded worklist.csv (rank, case, max_normalised_score, flagged_slices, ...)."""
         return list(self._worklist["rows"]) if self._worklist else []
@@ -385,6 +393,29 @@ class ReviewController:
             raise InputError(_("'{path}' cannot be read: {error}").format(path=path, error=exc)) from None
         if not rows or any("case" not in r for r in rows):
             raise InputError(_("'{path}' lists no cases.").format(path=path))
+        return self._loadRows(folder, rows, reviewer, index, segmentName)
+
+    def loadReviewFolder(self, folder, reviewer=None, index=0, segmentName=None) -> dict:
+        """Like loadWorklist, for any folder of scoring outputs: its worklist.csv when it has one, else its
+        scored cases (every <case>_summary.json) in name order."""
+        if folder is None or str(folder).strip() in ("", "."):
+            raise InputError(_("Choose the folder of scored cases first."))
+        folder = Path(str(folder))
+        if (folder / WORKLIST_NAME).is_file():
+            return self.loadWorklist(folder, reviewer, index, segmentName)
+        if not folder.is_dir():
+            raise InputError(_("'{folder}' is not a folder.").format(folder=folder))
+        cases = scored_cases(folder)
+        if not cases:
+            raise InputError(
+                _(
+                    "'{folder}' has no scored cases (no <case>_summary.json); score them with 'anomalyflag score'."
+                ).format(folder=folder)
+            )
+        rows = [{"rank": str(i + 1), "case": case} for i, case in enumerate(cases)]
+        return self._loadRows(folder, rows, reviewer, index, segmentName)
+
+    def _loadRows(self, folder, rows, reviewer, index, segmentName):
         if reviewer is not None:
             self.reviewer = str(reviewer).strip()
         if segmentName:

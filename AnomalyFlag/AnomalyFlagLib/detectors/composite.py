@@ -4,7 +4,7 @@ and the training run as one member sees it (its networks checkpointed under the 
 """
 
 import dataclasses
-from typing import Dict, Sequence, Tuple
+from typing import Dict, Sequence, Tuple, get_type_hints
 
 from ..config import FieldError
 
@@ -17,12 +17,12 @@ def composite_config(name: str, members: Sequence[Member], doc: str, own=(), own
     validates every member and then calls `own_validate(self)`."""
     specs = []
     for prefix, cls in members:
+        hints = get_type_hints(cls)
         for f in dataclasses.fields(cls):
             metadata = dict(f.metadata)
             if prefix and "flag" in metadata:
                 metadata["flag"] = "--" + prefix.replace("_", "-") + metadata["flag"][2:]
-            kind = cls.__annotations__.get(f.name, f.type)
-            specs.append((prefix + f.name, kind, dataclasses.field(default=f.default, metadata=metadata)))
+            specs.append((prefix + f.name, hints[f.name], dataclasses.field(default=f.default, metadata=metadata)))
     specs += list(own)
 
     def validate(self) -> None:

@@ -28,7 +28,7 @@ def main(argv=None) -> int:
     from AnomalyFlagLib.bundle import load_bundle, new_bundle, save_bundle
     from AnomalyFlagLib.config import config_to_dict
     from AnomalyFlagLib.detectors.composite import join_configs
-    from AnomalyFlagLib.detectors.hybrid import GLOBAL, HybridArchitecture, HybridOptions
+    from AnomalyFlagLib.detectors.hybrid import HybridArchitecture, HybridOptions
     from AnomalyFlagLib.devices import select_device
     from AnomalyFlagLib.io.cases import discover_cases
     from AnomalyFlagLib.training import calibrate_on
@@ -44,10 +44,10 @@ def main(argv=None) -> int:
     architecture = join_configs(HybridArchitecture, local.backend.architecture, stylegan.backend.architecture)
     options = join_configs(HybridOptions, local.options, stylegan.options)
     hybrid = new_bundle("hybrid", architecture, options, local.preprocess, local.scoring, name=Path(args.output).name)
-    networks = hybrid.backend.networks()
-    for prefix, member in (("", local), (GLOBAL, stylegan)):
-        for name, net in member.backend.networks().items():
-            networks[prefix + name].load_state_dict(net.state_dict())
+    for member, trained in ((hybrid.backend.local, local), (hybrid.backend.stylegan, stylegan)):
+        weights = trained.backend.networks()
+        for name, net in member.networks().items():
+            net.load_state_dict(weights[name].state_dict())
     hybrid.backend.to(device).eval()
     cases = discover_cases(args.calibrate_on, "calibration input")
     slices = load_slices(cases, hybrid.preprocess)

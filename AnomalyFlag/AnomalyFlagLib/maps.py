@@ -179,10 +179,15 @@ class MapScorer:
         whole = self.statistics.whole_slice
         pixel_map = sum(self.weights[name] * v for name, v in z.items() if name not in whole)
         components = {name: self.pool(v) for name, v in z.items()}
-        score = self.pool(pixel_map)
-        for k, name in enumerate(whole):
-            score = score + self.weights[name] * self.statistics.slice_weight[k] * components[name]
-        return BatchScores(score, components, pixel_map)
+        return BatchScores(self.pool(pixel_map) + self.whole_slice_terms(components), components, pixel_map)
+
+    def whole_slice_terms(self, components: Dict[str, torch.Tensor]):
+        """What the whole-slice components add to the slice score: each pooled value (n,) times its weight
+        and its `slice_weight` (0 for a backend without whole-slice components)."""
+        terms = 0.0
+        for k, name in enumerate(self.statistics.whole_slice):
+            terms = terms + self.weights[name] * self.statistics.slice_weight[k] * components[name]
+        return terms
 
     def pool(self, maps: torch.Tensor) -> torch.Tensor:
         """The localised slice score of (n, S, S) maps: the mean of their top `score_area_mm2`."""

@@ -191,8 +191,8 @@ def calibrate_on(bundle: Bundle, slices: SliceSet, num_cases: int, device, targe
     if whole:
         spread = [max(robust(v.numpy())[1], 1e-6) for v in whole_values]
         bundle.statistics.slice_weight.copy_(torch.tensor([robust(scores.numpy())[1] / v for v in spread]))
-        weights = torch.tensor([c.weight for c in bundle.components if c.whole_slice])
-        scores = scores + ((weights * bundle.statistics.slice_weight.cpu())[:, None] * whole_values).sum(dim=0)
+        terms = bundle.map_scorer().whole_slice_terms(dict(zip(whole, whole_values.to(device))))
+        scores = scores + terms.float().cpu()
     context, _ = neighbour_max(scores.numpy(), slices.case_index.numpy(), slices.slice_index.numpy(),
                                sc.neighbour_slices)  # fmt: skip
     pixel_values = torch.cat(pixels).numpy()

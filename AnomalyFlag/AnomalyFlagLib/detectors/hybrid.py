@@ -5,7 +5,8 @@ The restoration generator restores any slice well, lesion included, except where
 StyleGAN2 can only draw normal anatomy, so a slice it cannot draw (a dark liver lesion changes how the
 encoder places the whole slice) leaves a residual over the whole slice that the local maps miss
 (docs/detector-experiments.md, section 10). Both members train in one run, each on its share of the time
-budget; their maps are normalised and summed like any backend's.
+budget. The local maps make the anomaly map as in any backend; the global residual is a whole-slice
+component (see maps.py): kept out of the map, its pooled value is added to the slice score.
 """
 
 import dataclasses

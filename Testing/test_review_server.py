@@ -142,9 +142,15 @@ class ReviewServer:
 
 
 @pytest.fixture
-def servers():
+def serve():
+    """Starts a `ReviewServer` (same arguments) that is stopped when the test ends."""
     started = []
-    yield started
+
+    def start(*args, **kwargs):
+        started.append(ReviewServer(*args, **kwargs))
+        return started[-1]
+
+    yield start
     for server in started:
         server.stop()
 
@@ -238,10 +244,9 @@ def _first_case_with_flags(folder, minimum):
 
 
 @pytest.mark.slow
-def test_review_loop_in_the_browser(browser, outputs, artefacts, servers, tmp_path):
+def test_review_loop_in_the_browser(browser, outputs, artefacts, serve, tmp_path):
     case, flagged = _first_case_with_flags(outputs, 3)
-    server = ReviewServer(outputs, "Dr Web", tmp_path / "server1.log")
-    servers.append(server)
+    server = serve(outputs, "Dr Web", tmp_path / "server1.log")
     page = Page(browser, server.url, artefacts)
     assert page.text("#case-text").startswith(f"{case} (1 of ")
     assert page.text("#progress-text") == f"0 of {flagged} reviewed"
@@ -319,8 +324,7 @@ def test_review_loop_in_the_browser(browser, outputs, artefacts, servers, tmp_pa
     assert sorted(p.name for p in outputs.glob(f"{case}_seg_v*.seg.nrrd")) == [label.name]
 
     # a new server takes the dead process's lock over and resumes where the review stopped
-    server2 = ReviewServer(outputs, "Dr Web", tmp_path / "server2.log")
-    servers.append(server2)
+    server2 = serve(outputs, "Dr Web", tmp_path / "server2.log")
     page2 = Page(browser, server2.url, artefacts)
     assert page2.text("#progress-text") == f"3 of {flagged} reviewed"
     assert "skipped" in page2.text(f"#decision-{pending}")
@@ -330,11 +334,10 @@ def test_review_loop_in_the_browser(browser, outputs, artefacts, servers, tmp_pa
 
 
 @pytest.mark.slow
-def test_abnormal_undo_next_case_erase_and_cancel(browser, outputs, artefacts, servers, tmp_path):
+def test_abnormal_undo_next_case_erase_and_cancel(browser, outputs, artefacts, serve, tmp_path):
     case, flagged = _first_case_with_flags(outputs, 1)
     rows = read_worklist(outputs / "worklist.csv")
-    server = ReviewServer(outputs, "Dr Web", tmp_path / "server.log")
-    servers.append(server)
+    server = serve(outputs, "Dr Web", tmp_path / "server.log")
     page = Page(browser, server.url, artefacts)
     first = _sidecar(outputs, case)[0]["queue"][0]["slice"]
     page.page.keyboard.press("x")
@@ -395,16 +398,14 @@ def test_abnormal_undo_next_case_erase_and_cancel(browser, outputs, artefacts, s
 
 
 @pytest.mark.slow
-def test_second_reviewer_is_refused_in_the_page(browser, outputs, artefacts, servers, tmp_path):
+def test_second_reviewer_is_refused_in_the_page(browser, outputs, artefacts, serve, tmp_path):
     case, _flagged = _first_case_with_flags(outputs, 1)
-    first = ReviewServer(outputs, "Dr Ann", tmp_path / "ann.log")
-    servers.append(first)
+    first = serve(outputs, "Dr Ann", tmp_path / "ann.log")
     ann = Page(browser, first.url, artefacts)
     ann.page.keyboard.press("a")
     ann.wait_for_text("#progress-text", "1 of")
     before = CaseFiles(outputs, case).sidecar.read_bytes()
-    second = ReviewServer(outputs, "Dr Bob", tmp_path / "bob.log")
-    servers.append(second)
+    second = serve(outputs, "Dr Bob", tmp_path / "bob.log")
     bob = Page(browser, second.url, artefacts)
     refused = bob.wait_for_text("#open-error", "Dr Ann")
     assert case in refused
@@ -421,13 +422,12 @@ def test_second_reviewer_is_refused_in_the_page(browser, outputs, artefacts, ser
 
 
 @pytest.mark.slow
-def test_damaged_sidecar_is_shown_in_the_page(browser, outputs, artefacts, servers, tmp_path):
+def test_damaged_sidecar_is_shown_in_the_page(browser, outputs, artefacts, serve, tmp_path):
     case, _flagged = _first_case_with_flags(outputs, 1)
     sidecar = CaseFiles(outputs, case).sidecar
     sidecar.write_text('{"format": "anomalyflag-review", "decisions": [', encoding="utf-8")
     damaged = sidecar.read_bytes()
-    server = ReviewServer(outputs, "Dr Web", tmp_path / "server.log")
-    servers.append(server)
+    server = serve(outputs, "Dr Web", tmp_path / "server.log")
     page = Page(browser, server.url, artefacts)
     error = page.wait_for_text("#open-error", sidecar.name)
     assert "damaged" in error or "cannot be read" in error
@@ -437,15 +437,14 @@ def test_damaged_sidecar_is_shown_in_the_page(browser, outputs, artefacts, serve
 
 
 @pytest.mark.slow
-def test_unwritable_folder_is_shown_in_the_page(browser, outputs, artefacts, servers, tmp_path):
+def test_unwritable_folder_is_shown_in_the_page(browser, outputs, artefacts, serve, tmp_path):
     prefix = without_write_permission_bypass()
     if prefix is None:
         pytest.skip("running as root without setpriv: permission bits cannot be enforced")
     case, _flagged = _first_case_with_flags(outputs, 1)
     os.chmod(outputs, 0o555)
     try:
-        server = ReviewServer(outputs, "Dr Web", tmp_path / "server.log", prefix=prefix)
-        servers.append(server)
+        server = serve(outputs, "Dr Web", tmp_path / "server.log", prefix=prefix)
         page = Page(browser, server.url, artefacts)
         error = page.wait_for_text("#open-error", "not writable")
         assert str(outputs) in error
@@ -457,12 +456,10 @@ def test_unwritable_folder_is_shown_in_the_page(browser, outputs, artefacts, ser
 
 
 @pytest.mark.slow
-def test_host_other_than_localhost_warns_that_there_is_no_authentication(outputs, servers, tmp_path):
-    server = ReviewServer(outputs, "Dr Web", tmp_path / "server.log", host="127.0.0.2")
-    servers.append(server)
+def test_host_other_than_localhost_warns_that_there_is_no_authentication(outputs, serve, tmp_path):
+    server = serve(outputs, "Dr Web", tmp_path / "server.log", host="127.0.0.2")
     assert "no authentication" in server.log() and "authenticating proxy" in server.log()
-    local = ReviewServer(outputs, "Dr Web", tmp_path / "local.log")
-    servers.append(local)
+    local = serve(outputs, "Dr Web", tmp_path / "local.log")
     assert "no authentication" not in local.log()
 
 

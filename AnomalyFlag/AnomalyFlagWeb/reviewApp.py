@@ -221,6 +221,13 @@ class ReviewServerApp:
             raise AnomalyFlagError(_("Finish or cancel the recontouring first."))
         return self.currentSlice
 
+    def _decide(self, decision):
+        """Record `decision` (a ReviewController method) for the current slice with the note, then move on
+        to the next pending slice."""
+        decision(self._requireSlice(), note=self.state.note)
+        self.state.note = ""
+        self._afterDecision()
+
     def _afterDecision(self):
         pending = self.review.nextPendingSlice()
         if pending is not None:
@@ -228,21 +235,15 @@ class ReviewServerApp:
 
     @_guarded
     def accept(self):
-        self.review.acceptSlice(self._requireSlice(), note=self.state.note)
-        self.state.note = ""
-        self._afterDecision()
+        self._decide(self.review.acceptSlice)
 
     @_guarded
     def skip(self):
-        self.review.skipSlice(self._requireSlice(), note=self.state.note)
-        self.state.note = ""
-        self._afterDecision()
+        self._decide(self.review.skipSlice)
 
     @_guarded
     def abnormal(self):
-        self.review.confirmAbnormal(self._requireSlice(), note=self.state.note)
-        self.state.note = ""
-        self._afterDecision()
+        self._decide(self.review.confirmAbnormal)
 
     @_guarded
     def undoDecision(self):

@@ -114,3 +114,38 @@ def test_slices_far_larger_than_the_model_field_of_view_are_refused_before_resam
     pre.check_fits(512, 512, 0.7, 0.7, "volume 'knee.nrrd'")  # 358 mm: 7 fields of view, still accepted
     with pytest.raises(InputError, match=r"volume 'big.nrrd' has slices of 973 x 973 mm.*1245 x 1245 pixels"):
         pre.check_fits(512, 512, 1.9, 1.9, "volume 'big.nrrd'")
+
+
+def test_the_corruption_mix_gives_thin_bands_their_share_and_keeps_the_others_in_proportion():
+    from AnomalyFlagLib.detectors.corruptions import OTHER_FAMILY_SHARES, corruption_mix
+
+    mix = corruption_mix(0.15, 0.18)
+    assert len(mix) == len(FAMILIES) and abs(sum(mix) - 1) < 1e-12
+    assert mix[0] == 0.15 and abs(mix[FAMILIES.index("thin_bands")] - 0.85 * 0.18) < 1e-12
+    no_bands = corruption_mix(0.15, 0.0)
+    assert no_bands[FAMILIES.index("thin_bands")] == 0
+    others = [no_bands[FAMILIES.index(f)] for f in ("coarse_noise", "intensity_blobs", "foreign_patches")]
+    assert np.allclose(np.array(others) / sum(others), np.array(OTHER_FAMILY_SHARES) / sum(OTHER_FAMILY_SHARES))
+
+
+def test_the_smallest_blob_follows_min_coverage():
+    x = torch.zeros(64, 1, 64, 64)
+    body = torch.ones_like(x, dtype=torch.bool)
+    blobs = (0.0, 0.0, 1.0, 0.0, 0.0)
+
+    def smallest(min_coverage):  # of the blobs that changed anything (a flat top of the field can leave none)
+        gen = torch.Generator().manual_seed(0)
+        out, _ = corrupt(x, body, 200.0, gen, blobs, min_coverage=min_coverage)
+        areas = ((out - x).abs() > 1.0).float().mean(dim=(1, 2, 3))
+        return float(areas[areas > 0].min())
+
+    assert smallest(0.002) < 0.005 <= smallest(0.02)
+
+
+def test_restoration_options_check_the_corruption_settings():
+    from AnomalyFlagLib.detectors.restoration import RestorationOptions
+
+    for bad, field in (({"band_share": 1.5}, "band_share"), ({"min_blob_coverage": 0.0}, "min_blob_coverage"),
+                       ({"min_blob_coverage": 0.2}, "min_blob_coverage")):  # fmt: skip
+        with pytest.raises(ValueError, match=field):
+            RestorationOptions(**bad).validate()

@@ -231,3 +231,36 @@ def test_cuda_requested_without_gpu_is_an_error(tiny_model):
         with pytest.raises(DeviceError, match=f"unknown device '{typo}'"):
             select_device(typo)
     assert Scorer(tiny_model, device="auto").device.type in ("cpu", "mps")
+
+
+def test_mixed_precision_follows_the_hardware_and_can_be_turned_off(monkeypatch):
+    import torch
+    from AnomalyFlagLib import devices
+
+    cpu = torch.device("cpu")
+    monkeypatch.delenv(devices.PRECISION_VARIABLE, raising=False)
+    monkeypatch.setattr(devices, "cpu_has_native_bfloat16", lambda: True)
+    assert devices.mixed_precision_dtype(cpu) == torch.bfloat16 and devices.precision_name(cpu) == "bfloat16"
+    with devices.autocast_for(cpu):
+        assert torch.nn.functional.linear(torch.ones(2, 3), torch.ones(4, 3)).dtype == torch.bfloat16
+    monkeypatch.setattr(devices, "cpu_has_native_bfloat16", lambda: False)  # emulated bfloat16 is slower
+    assert devices.mixed_precision_dtype(cpu) is None
+    with devices.autocast_for(cpu):
+        assert torch.nn.functional.linear(torch.ones(2, 3), torch.ones(4, 3)).dtype == torch.float32
+    monkeypatch.setattr(devices, "cpu_has_native_bfloat16", lambda: True)
+    monkeypatch.setenv(devices.PRECISION_VARIABLE, "float32")
+    assert devices.mixed_precision_dtype(cpu) is None and devices.precision_name(cpu, training=True) == "float32"
+    monkeypatch.setenv(devices.PRECISION_VARIABLE, "half")
+    with pytest.raises(DeviceError, match="ANOMALYFLAG_PRECISION='half' is not a precision; choose auto or float32"):
+        devices.autocast_for(cpu)
+
+
+def test_a_bundle_records_the_precision_it_was_trained_and_calibrated_in(tiny_model):
+    import json
+
+    import torch
+    from AnomalyFlagLib.devices import precision_name
+
+    recorded = json.loads((tiny_model / "metadata.json").read_text())["training"]["precision"]
+    cpu = torch.device("cpu")
+    assert recorded == {"training": precision_name(cpu, training=True), "calibration": precision_name(cpu)}

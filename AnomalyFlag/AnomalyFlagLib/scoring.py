@@ -129,8 +129,10 @@ class Scorer:
             x = x.to(self.device)
             body = self.pre.body_mask(x)
             pos = torch.as_tensor(positions[k0:k1], dtype=torch.float32, device=self.device)
-            with torch.no_grad(), autocast_for(self.device):
-                scores = self.map_scorer(self.bundle.backend.maps(x, pos, body), pos, body)
+            with torch.no_grad():
+                with autocast_for(self.device):
+                    raw = self.bundle.backend.maps(x, pos, body)
+                scores = self.map_scorer(raw, pos, body)  # normalised and pooled in float32
             values["score"][k0:k1] = scores.score.float().cpu().numpy()
             for name in names:
                 values[name][k0:k1] = scores.components[name].float().cpu().numpy()

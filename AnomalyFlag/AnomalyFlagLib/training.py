@@ -16,7 +16,7 @@ from .calibration import Calibration, OrganCalibration, calibrate, robust
 from .config import PreprocessConfig, ScoreConfig
 from .data_parallel import DataParallel, process_group
 from .detectors import DEFAULT_BACKEND, TrainingData, TrainingRun, backend_class
-from .devices import autocast_for, select_device
+from .devices import autocast_for, precision_name, select_device
 from .errors import InputError
 from .io.cases import discover_cases
 from .launcher import Launch
@@ -124,16 +124,22 @@ def calibrate_on(bundle: Bundle, slices: SliceSet, num_cases: int, device, targe
     sees scores of slices the statistics never saw (as new scans will be); the bundle keeps the
     statistics of all held-out slices. Per-pixel statistics need two or more cases; from one they are
     one mean and scale per component."""
-    sc = bundle.scoring
     if target_rate is not None:
-        sc.target_false_flag_rate = float(target_rate)
+        bundle.scoring.target_false_flag_rate = float(target_rate)
     try:
-        sc.validate()
+        bundle.scoring.validate()
     except ValueError as exc:
         raise InputError(f"cannot calibrate: {exc}.") from None
+    raw, body = raw_maps(bundle, slices, device)
+    return calibrate_from_maps(bundle, slices, raw, body, num_cases, device, roi_labels, roi_margin_mm, log)
+
+
+@torch.no_grad()
+def raw_maps(bundle: Bundle, slices: SliceSet, device):
+    """The backend's raw component maps of `slices` ({name: (N, S, S) float16}, on the CPU) and their body
+    masks ((N, 1, S, S) bool)."""
     spec = InputSpec.from_config(bundle.preprocess)
     names = [c.name for c in bundle.components]
-    whole = [c.name for c in bundle.components if c.whole_slice]
     raw, bodies = {name: [] for name in names}, []
     for k0 in range(0, len(slices), CALIBRATION_BATCH):
         x = slices.images[k0 : k0 + CALIBRATION_BATCH].float().to(device)
@@ -144,8 +150,16 @@ def calibrate_on(bundle: Bundle, slices: SliceSet, num_cases: int, device, targe
         for name in names:
             raw[name].append(maps[name].float().cpu().half())
         bodies.append(inside.cpu())
-    raw = {name: torch.cat(v) for name, v in raw.items()}
-    body = torch.cat(bodies)
+    return {name: torch.cat(v) for name, v in raw.items()}, torch.cat(bodies)
+
+
+@torch.no_grad()
+def calibrate_from_maps(bundle: Bundle, slices: SliceSet, raw, body, num_cases: int, device, roi_labels=None,
+                        roi_margin_mm: float = 10.0, log: Callable[[str], None] = print):  # fmt: skip
+    """`calibrate_on` once the held-out slices' raw maps and body masks (`raw_maps`) are computed."""
+    sc = bundle.scoring
+    names = [c.name for c in bundle.components]
+    whole = [c.name for c in bundle.components if c.whole_slice]
     size = bundle.preprocess.image_size
     per_pixel = len(torch.unique(slices.case_index)) >= 2
 
@@ -353,6 +367,7 @@ def train(
         "max_minutes": max_minutes,
         "steps": run.steps_done,
         "device": str(dev),
+        "precision": {"training": precision_name(dev, training=True), "calibration": precision_name(dev)},
         "processes": parallel.world_size,
         "weights_digests": digests,
         "training_s": round(train_seconds, 1),

@@ -16,6 +16,7 @@ from typing import Callable, ClassVar, Dict, Optional, Sequence, Tuple
 import torch
 
 from ..data_parallel import DataParallel
+from ..devices import autocast_for
 from ..errors import CancelledError
 from ..preprocessing import InputSpec
 
@@ -80,11 +81,14 @@ class TrainingData:
         return self.images.shape[0]
 
 
-def option(default, help: str, flag: Optional[str] = None, **kwargs):
-    """A dataclass field that the command line offers as `--name` (or `flag`) with this help text."""
+def option(default, help: str, flag: Optional[str] = None, added: bool = False, **kwargs):
+    """A dataclass field that the command line offers as `--name` (or `flag`) with this help text; `added`:
+    a field added after bundles were released, which bundles made before lack and load with its default."""
     metadata = {"help": help}
     if flag:
         metadata["flag"] = flag
+    if added:
+        metadata["absent_in_older_bundles"] = True
     return dataclasses.field(default=default, metadata=metadata, **kwargs)
 
 
@@ -119,6 +123,11 @@ class TrainingRun:
         self._state: dict = {}
         self._networks: Dict[str, torch.nn.Module] = {}  # everything restored so far: what a checkpoint saves
         self._optimizers: Dict[str, torch.optim.Optimizer] = {}
+
+    def autocast(self):
+        """The mixed-precision context for a backend's forward passes in training (bfloat16 where the device
+        has it, see devices.mixed_precision_dtype); losses are best taken in float32 outside or after it."""
+        return autocast_for(self.device, training=True)
 
     def restore(self, networks: Dict[str, torch.nn.Module], optimizers: Dict[str, torch.optim.Optimizer]) -> None:
         """Load a resumed run's weights, optimiser states and random state (nothing when starting afresh);

@@ -24,6 +24,17 @@ import torch
 import torch.nn.functional as F
 
 FAMILIES = ("none", "coarse_noise", "intensity_blobs", "thin_bands", "foreign_patches")
+OTHER_FAMILY_SHARES = (0.24, 0.41, 0.17)
+"""Coarse noise, intensity blobs and foreign patches, relative to each other."""
+MAX_BLOB_COVERAGE = 0.05
+
+
+def corruption_mix(clean_share: float, band_share: float) -> Tuple[float, ...]:
+    """Probabilities of FAMILIES: `clean_share` of crops untouched; of the others, `band_share` get thin
+    bands and the rest the other families in the proportions OTHER_FAMILY_SHARES."""
+    rest = [(1 - band_share) * v / sum(OTHER_FAMILY_SHARES) for v in OTHER_FAMILY_SHARES]
+    shares = (rest[0], rest[1], band_share, rest[2])
+    return (clean_share,) + tuple((1 - clean_share) * v for v in shares)
 
 
 def _field(n: int, size: int, grid: int, gen: torch.Generator) -> torch.Tensor:
@@ -65,12 +76,14 @@ def corrupt(
     mix: Tuple[float, ...] = (0.15, 0.2, 0.35, 0.15, 0.15),
     label_change: float = 0.075,
     floor: float = float("-inf"),
+    min_coverage: float = 0.002,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Corrupt raw-intensity slices x (n, 1, S, S) inside `body` (n, 1, S, S).
 
     `unit` is the intensity unit (half the first window's width: 200 HU for the default CT windows);
-    `mix` the probabilities of FAMILIES; nothing goes below `floor` (air). Returns the corrupted slices
-    and the per-pixel label (bool)."""
+    `mix` the probabilities of FAMILIES; nothing goes below `floor` (air); intensity blobs cover
+    `min_coverage` to MAX_BLOB_COVERAGE of the crop (log-uniform). Returns the corrupted slices and the
+    per-pixel label (bool)."""
     n, _, size, _ = x.shape
     if len(mix) != len(FAMILIES):
         raise ValueError(f"mix needs {len(FAMILIES)} probabilities ({', '.join(FAMILIES)})")
@@ -92,7 +105,7 @@ def corrupt(
 
     idx = torch.nonzero(family == 2).flatten()
     if len(idx):
-        coverage = torch.exp(_uniform(len(idx), math.log(0.002), math.log(0.05), gen))
+        coverage = torch.exp(_uniform(len(idx), math.log(min_coverage), math.log(MAX_BLOB_COVERAGE), gen))
         shift(idx, _blobs(coverage, size, gen) * inside[idx])
     idx = torch.nonzero(family == 3).flatten()
     if len(idx):

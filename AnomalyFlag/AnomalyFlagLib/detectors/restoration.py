@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from ..config import expect
 from .augment import augment_batch, body_masks
 from .base import DetectorBackend, ScoreComponent, TrainingData, TrainingRun, TrainingStage, option
-from .corruptions import corrupt
+from .corruptions import MAX_BLOB_COVERAGE, corrupt, corruption_mix
 from .izif import residual_maps
 from .restoration_networks import (
     MAX_LEVELS,
@@ -59,7 +59,7 @@ class RestorationArchitecture:
 
 @dataclass
 class RestorationOptions:
-    iterations: int = option(4500, "training steps (each: a batch of crops through G, D and S)")
+    iterations: int = option(6000, "training steps (each: a batch of crops through G, D and S)")
     batch_size: int = option(32, "crops per step")
     crop_size: int = option(64, "side of the random training crops in pixels (the whole slice if larger)")
     learning_rate: float = option(3e-4, "Adam learning rate, cosine-decayed to zero")
@@ -67,6 +67,11 @@ class RestorationOptions:
     feature_weight: float = option(0.1, "weight of the feature-matching term in the generator loss")
     segmentation_weight: float = option(1.0, "weight of the segmenter's loss")
     clean_share: float = option(0.15, "share of crops left uncorrupted")
+    band_share: float = option(0.18, "share of corrupted crops that get thin bands (the other families keep "
+                               "their proportions, coarse noise : blobs : foreign patches = 24 : 41 : 17)",
+                               added=True)  # fmt: skip
+    min_blob_coverage: float = option(0.002, "smallest intensity blob, as a share of the crop (sizes are "
+                                      "log-uniform up to 0.05)", added=True)  # fmt: skip
     augment: bool = option(True, "no rotation/scaling/shift/noise augmentation", flag="--no-augment")
 
     def validate(self) -> None:
@@ -75,7 +80,11 @@ class RestorationOptions:
         expect(0 < self.learning_rate <= 1, "learning_rate", "above 0, at most 1", self.learning_rate)
         for name in ("adversarial_weight", "feature_weight", "segmentation_weight"):
             expect(0 <= getattr(self, name) <= 1e3, name, "0 to 1000", getattr(self, name))
-        expect(0 <= self.clean_share <= 1, "clean_share", "a share from 0 to 1", self.clean_share)
+        for name in ("clean_share", "band_share"):
+            expect(0 <= getattr(self, name) <= 1, name, "a share from 0 to 1", getattr(self, name))
+        most = MAX_BLOB_COVERAGE
+        expect(0 < self.min_blob_coverage <= most, "min_blob_coverage", f"above 0, at most {most}",
+               self.min_blob_coverage)  # fmt: skip
 
 
 class RestorationBackend(DetectorBackend):
@@ -155,8 +164,10 @@ class RestorationBackend(DetectorBackend):
         opt_s = torch.optim.Adam(self.segmenter.parameters(), lr=options.learning_rate, betas=(0.9, 0.999))
         optimizers = {"opt_generator": opt_g, "opt_critic": opt_d, "opt_segmenter": opt_s}
         nets = self.networks()
+        for net in nets.values():  # faster convolutions on the CPU's oneDNN (about 1.3x a step)
+            net.to(memory_format=torch.channels_last)
         run.restore(nets, optimizers)
-        mix = (options.clean_share,) + tuple((1 - options.clean_share) * p for p in (0.24, 0.41, 0.18, 0.17))
+        mix = corruption_mix(options.clean_share, options.band_share)
         bodies = body_masks(data, spec)
 
         def step(k, fraction):
@@ -172,7 +183,8 @@ class RestorationBackend(DetectorBackend):
             x = torch.stack([data.images[i, :, t : t + crop, c : c + crop] for i, t, c in boxes]).float()
             body = torch.stack([bodies[i, :, t : t + crop, c : c + crop] for i, t, c in boxes])
             pos = data.positions[idx].float()
-            corrupted, label = corrupt(x, body, spec.intensity_unit, gen, mix, floor=spec.pad_value)
+            corrupted, label = corrupt(x, body, spec.intensity_unit, gen, mix, floor=spec.pad_value,
+                                       min_coverage=options.min_blob_coverage)  # fmt: skip
             clean_w, corrupt_w = spec.channels(x), spec.channels(corrupted)
             if options.augment:  # the same geometric transform for clean and corrupted: one call on both
                 both = augment_batch(torch.cat([clean_w, corrupt_w, label.float(), body.float()], dim=1), gen, 0.0)
@@ -184,23 +196,26 @@ class RestorationBackend(DetectorBackend):
             cond = self._condition(clean_w, pos, top, left)
             self.train_mode()
 
-            restored = self._restore(corrupt_w, cond)
-            # Critic: clean crops real, restorations fake (least squares).
-            real_logit, _ = self.critic(torch.cat([clean_w, cond], 1))
-            fake_logit, _ = self.critic(torch.cat([restored.detach(), cond], 1))
-            loss_d = ((real_logit - 1) ** 2).mean() + (fake_logit**2).mean()
+            with run.autocast():
+                restored = self._restore(corrupt_w, cond)
+                # Critic: clean crops real, restorations fake (least squares).
+                real_logit, _ = self.critic(torch.cat([clean_w, cond], 1))
+                fake_logit, _ = self.critic(torch.cat([restored.detach(), cond], 1))
+            loss_d = ((real_logit.float() - 1) ** 2).mean() + (fake_logit.float() ** 2).mean()
             opt_d.zero_grad(set_to_none=True)
             loss_d.backward()
             opt_d.step()
             # Generator: restore the clean crop; fool the critic; match its features.
-            fake_logit, f_fake = self.critic(torch.cat([restored, cond], 1))
-            with torch.no_grad():
-                _, f_real = self.critic(torch.cat([clean_w, cond], 1))
+            with run.autocast():
+                fake_logit, f_fake = self.critic(torch.cat([restored, cond], 1))
+                with torch.no_grad():
+                    _, f_real = self.critic(torch.cat([clean_w, cond], 1))
+                # Segmenter: find the corruption (focal + soft Dice); its gradient does not reach G.
+                logits = self._segment(corrupt_w, restored.detach(), cond)
+            restored, logits = restored.float(), logits.float()
             l1 = ((restored - clean_w).abs() * inside).sum() / (inside.sum() * clean_w.shape[1] + 1)
-            loss_g = l1 + options.adversarial_weight * ((fake_logit - 1) ** 2).mean()
-            loss_g = loss_g + options.feature_weight * F.mse_loss(f_fake, f_real)
-            # Segmenter: find the corruption (focal + soft Dice); its gradient does not reach G.
-            logits = self._segment(corrupt_w, restored.detach(), cond)
+            loss_g = l1 + options.adversarial_weight * ((fake_logit.float() - 1) ** 2).mean()
+            loss_g = loss_g + options.feature_weight * F.mse_loss(f_fake.float(), f_real.float())
             p = torch.sigmoid(logits)
             focal = F.binary_cross_entropy_with_logits(logits, label, reduction="none") * (p - label).abs() ** 2
             dice = 1 - (2 * (p * label).sum() + 1) / (p.sum() + label.sum() + 1)
@@ -215,4 +230,6 @@ class RestorationBackend(DetectorBackend):
         try:
             run.run_stage(self.stages(options)[0], options.iterations, step, nets, optimizers)
         finally:
+            for net in nets.values():  # safetensors stores contiguous tensors
+                net.to(memory_format=torch.contiguous_format)
             self.eval()

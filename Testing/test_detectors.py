@@ -295,7 +295,7 @@ def test_the_hybrid_holds_both_members_under_their_own_names():
     assert torch.allclose(maps["global"], whole) and maps["global"].shape == (2, TINY_SIZE, TINY_SIZE)
 
     options = HybridOptions()
-    assert options.iterations == 4500 and options.global_gan_iterations == 2000  # each member's default
+    assert options.iterations == 6000 and options.global_gan_iterations == 2000  # each member's default
     assert config_from_dict(HybridOptions, config_to_dict(options)) == options
     with pytest.raises(FieldError, match="global_latent_dim"):
         config_from_dict(HybridArchitecture, {**config_to_dict(HybridArchitecture()), "global_latent_dim": 1})

@@ -238,7 +238,7 @@ class ScoreConfig:
     pixel_floor: float = 2.0
     neighbour_slices: int = 1
     map_sigma_mm: float = 2.0
-    score_area_mm2: float = 50.0
+    score_area_mm2: float = 400.0
     target_false_flag_rate: float = 0.05
     pixel_false_positive_rate: float = 0.005
 

@@ -5,6 +5,7 @@ N = 300, and the peak RSS for 100 and 600 slices (it must not grow with the slic
 measurement runs in a fresh process so peak RSS is its own.
 
     python scripts/benchmark.py [--model Resources/Models/AnomalyFlagDemoChestCT] [--device cpu]
+    ANOMALYFLAG_PRECISION=float32 python scripts/benchmark.py    # without mixed precision
 """
 
 import argparse
@@ -46,6 +47,7 @@ def measure(model: str, volume: str, out: str, device: str, batch_size) -> dict:
     """Run in a child process: score one volume to files, as `anomalyflag score` does."""
     sys.path.insert(0, str(ROOT / "AnomalyFlag"))
     import torch
+    from AnomalyFlagLib.devices import precision_name
     from AnomalyFlagLib.io.cases import Case
     from AnomalyFlagLib.io.scored_case import score_cases
     from AnomalyFlagLib.scoring import Scorer
@@ -71,6 +73,7 @@ def measure(model: str, volume: str, out: str, device: str, batch_size) -> dict:
         "achieved_gflop_per_s": round(flops_per_slice * n / result.timings["compute"] / 1e9, 1),
         "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
         "device": str(scorer.device),
+        "precision": precision_name(scorer.device),
         "batch_size": scorer.batch_size,
         "torch_threads": torch.get_num_threads(),
     }
@@ -104,8 +107,8 @@ def main() -> int:
             r = results[-1]
             print(f"{n:4d} slices 512x512: {r['seconds_per_volume']:6.2f} s/volume, {r['slices_per_second']:6.1f} "
                   f"slices/s, peak RSS {r['peak_rss_mb']:7.1f} MB, {r['achieved_gflop_per_s']:6.1f} GFLOP/s "
-                  f"({r['network_gflop_per_slice']} GFLOP/slice, {r['device']}, batch {r['batch_size']}, "
-                  f"{r['torch_threads']} threads)")  # fmt: skip
+                  f"({r['network_gflop_per_slice']} GFLOP/slice, {r['device']} {r['precision']}, "
+                  f"batch {r['batch_size']}, {r['torch_threads']} threads)")  # fmt: skip
     print(json.dumps(results, indent=1))
     return 0
 

@@ -23,6 +23,7 @@ per type, one row per backend) and prints a Markdown table.
     python scripts/quality_benchmark.py --minutes 120       # the 4x run
     python scripts/quality_benchmark.py --smoke             # a few minutes in all: small data, 1 minute each
     python scripts/quality_benchmark.py --replay reports/quality/quality.json   # the same steps again
+    python scripts/quality_benchmark.py --resume            # a run cut off: keep its trained models
     python scripts/quality_benchmark.py --backends fanogan --no-real-ct         # one backend, phantoms only
     python scripts/quality_benchmark.py --backends progressive-ganomaly --set progressive-ganomaly.patch_stride=8
 
@@ -35,7 +36,6 @@ import argparse
 import json
 import shutil
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -185,10 +185,19 @@ def make_real_ct_sets(folder: Path, sample: Path, copies: int) -> dict:
 
 
 def train_backend(
-    backend: str, data: Path, out: Path, minutes: float, replay: dict, device: str, settings: dict, extra=None
+    backend: str,
+    data: Path,
+    out: Path,
+    minutes: float,
+    replay: dict,
+    device: str,
+    settings: dict,
+    extra=None,
+    resume=False,
 ) -> dict:
     """Train one backend within the budget (or with the replayed step counts) with its default architecture
-    and options but for `settings` ({field: value}); returns its training record."""
+    and options but for `settings` ({field: value}); returns its training record. With `resume`, a bundle
+    already at `out` (a run that was cut off after training it) is kept."""
     from AnomalyFlagLib.training import train
 
     cls = backend_class(backend)
@@ -199,19 +208,25 @@ def train_backend(
             raise SystemExit(f"--set {backend}.{name}: backend '{backend}' has no option '{name}'")
         kind = type(getattr(config, name))
         setattr(config, name, value.lower() in ("1", "true", "yes") if kind is bool else kind(value))
+    metadata = out / "metadata.json"
+    if resume and metadata.exists():
+        print(f"{out}: trained already (--resume), scoring it again")
+        return _training_record(json.loads(metadata.read_text())["training"], settings)
     max_minutes = minutes
     if replay:
         for stage in cls.stages(options):
             if stage.steps_option and stage.name in replay:
                 setattr(options, stage.steps_option, int(replay[stage.name]))
         max_minutes = None
-    started = time.monotonic()
     train(data, out, backend, architecture, options, max_minutes=max_minutes, device=device, log=print,
           checkpoint_every=10**9, extra_inputs=extra)  # fmt: skip
-    training = json.loads((out / "metadata.json").read_text())["training"]
-    return {"steps": training["steps"], "seconds": round(time.monotonic() - started, 1),
+    return _training_record(json.loads(metadata.read_text())["training"], settings)
+
+
+def _training_record(training: dict, settings: dict) -> dict:
+    return {"steps": training["steps"], "seconds": training["duration_s"],
             "calibration_slices": training["calibration_slices"], "settings": settings,
-            "extra_inputs": training.get("extra_inputs", {}),
+            "extra_inputs": training.get("extra_inputs", {}), "precision": training.get("precision"),
             "threads": torch.get_num_threads()}  # fmt: skip
 
 
@@ -370,6 +385,8 @@ def main(argv=None) -> int:
     parser.add_argument("--data", default=str(ROOT / "data" / "quality"))
     parser.add_argument("--output", default=str(ROOT / "reports" / "quality"))
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--resume", action="store_true",
+                        help="keep the models a cut-off run already trained in --output; score them again")  # fmt: skip
     parser.add_argument("--set", action="append", default=[], metavar="BACKEND.OPTION=VALUE",
                         help="train BACKEND with this architecture or training option set (repeatable)")  # fmt: skip
     args = parser.parse_args(argv)
@@ -401,7 +418,7 @@ def main(argv=None) -> int:
             model = out / "models" / f"phantom_{backend}"
             res["training_phantoms"] = train_backend(
                 backend, sets["train"], model, minutes, steps["phantoms"], args.device, settings.get(backend, {}),
-                {name: extra[name] for name in needs},
+                {name: extra[name] for name in needs}, args.resume,
             )  # fmt: skip
             res["phantoms"] = evaluate_phantoms(model, sets, args.device)
         if real and needs:  # the only other real scan is the test patient
@@ -409,8 +426,9 @@ def main(argv=None) -> int:
         elif real:
             model = out / "models" / f"lung1_{backend}"
             res["training_real_ct"] = train_backend(
-                backend, real["train"], model, minutes, steps["real_ct"], args.device, settings.get(backend, {})
-            )
+                backend, real["train"], model, minutes, steps["real_ct"], args.device, settings.get(backend, {}), None,
+                args.resume,
+            )  # fmt: skip
             res["real_ct"] = evaluate_real_ct(model, real, args.device)
         write_json_atomic(out / "quality.json", {"minutes": minutes, "smoke": args.smoke, "results": results}, indent=1)
         print(markdown({backend: res}), flush=True)

@@ -418,7 +418,7 @@ def main(argv=None) -> int:
             model = out / "models" / f"phantom_{backend}"
             res["training_phantoms"] = train_backend(
                 backend, sets["train"], model, minutes, steps["phantoms"], args.device, settings.get(backend, {}),
-                {name: extra[name] for name in needs}, args.resume,
+                {name: extra[name] for name in needs}, resume=args.resume,
             )  # fmt: skip
             res["phantoms"] = evaluate_phantoms(model, sets, args.device)
         if real and needs:  # the only other real scan is the test patient
@@ -426,8 +426,8 @@ def main(argv=None) -> int:
         elif real:
             model = out / "models" / f"lung1_{backend}"
             res["training_real_ct"] = train_backend(
-                backend, real["train"], model, minutes, steps["real_ct"], args.device, settings.get(backend, {}), None,
-                args.resume,
+                backend, real["train"], model, minutes, steps["real_ct"], args.device, settings.get(backend, {}),
+                resume=args.resume,
             )  # fmt: skip
             res["real_ct"] = evaluate_real_ct(model, real, args.device)
         write_json_atomic(out / "quality.json", {"minutes": minutes, "smoke": args.smoke, "results": results}, indent=1)

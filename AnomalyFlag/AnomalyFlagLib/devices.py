@@ -1,8 +1,8 @@
 """Compute device choice: CUDA > MPS > CPU unless the user names one; a missing GPU is an error. And the
 arithmetic precision on it: mixed precision where the hardware has it (float16 on CUDA for scoring,
 bfloat16 on CUDA for training, bfloat16 on CPUs with native bfloat16 units: Intel AMX or AVX512-BF16,
-where training and scoring run about twice as fast as in float32), float32 elsewhere. `ANOMALYFLAG_PRECISION=float32`
-turns mixed precision off everywhere.
+where training and scoring run about twice as fast as in float32), float32 elsewhere.
+`ANOMALYFLAG_PRECISION=float32` turns mixed precision off everywhere.
 
 torch is imported on first use, so that the Slicer module can list DEVICE_CHOICES before it is installed.
 """

@@ -439,7 +439,9 @@ def make_phantom(
 
     ANOMALIES: kinds from ANOMALY_KINDS, or dicts {"kind": ..., optional "radius_mm": ...,
     optional "region": organ name from ORGAN_LABELS}. Lesions go into the liver, spleen or a kidney,
-    a stent into the aorta, fluid along the abdominal wall (around the liver when it lies there).
+    a stent into the aorta, fluid along the abdominal wall (around the liver when it lies there). Lesions
+    and stents keep the organ labels (a liver lesion is part of the liver contour); fluid voxels are
+    labelled body, whatever organ they displaced, so the liver label is the liver a contour should follow.
     """
     if num_slices < 1 or size < 16:
         raise ValueError("num_slices must be >= 1 and size >= 16")
@@ -476,6 +478,8 @@ def make_phantom(
             image, kind, anomaly_rng, region, spacing, spec.get("radius_mm"), body_threshold=-500.0
         )
         mask |= one_mask
+        if kind == "fluid":  # fluid displaces the tissue it fills: the organ map says peritoneal cavity there
+            organs[one_mask.astype(bool)] = ORGAN_LABELS["body"]
         info["region"] = region_name
         inserted.append(info)
 

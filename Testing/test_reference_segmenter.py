@@ -85,6 +85,16 @@ def test_predict_keeps_the_input_grid_writes_one_row_per_slice_and_is_determinis
             else:
                 assert all(math.isnan(v) for v in values)
     assert predicted_slices > 0
+    every = tmp_path / "every"
+    assert (
+        rs.main(["predict", "--model", str(model), "--input", str(normals), "--output", str(every), "--all-components"])
+        == 0
+    )
+    for case in cases:  # the default contour is one piece of the raw one
+        kept = sitk.ReadImage(str(tmp_path / "a" / f"{case}_seg.nrrd"))
+        raw = sitk.GetArrayFromImage(sitk.ReadImage(str(every / f"{case}_seg.nrrd")))
+        assert np.all(raw >= sitk.GetArrayFromImage(kept))
+        assert sitk.GetArrayFromImage(sitk.ConnectedComponent(kept)).max() == 1
 
 
 @pytest.mark.slow
@@ -162,6 +172,20 @@ def test_boundary_band_is_the_pixels_within_5_mm_of_the_contour():
     assert rows[0][0] == 0 and rows[0][1] == pytest.approx(expected) and rows[0][3] == pytest.approx(expected)
     assert rows[1][0] == 1 and all(math.isnan(v) for v in rows[1][1:])
     assert "1,nan,nan,nan" in rs.uncertainty_csv(rows)
+
+
+def test_largest_component_keeps_the_organ_and_drops_islands_in_3d():
+    mask = np.zeros((4, 30, 30), dtype=bool)
+    mask[0:3, 5:20, 5:20] = True  # the organ, over three slices
+    mask[3, 6:8, 6:8] = True  # touches it through the slice face: part of it
+    mask[1, 25:28, 25:28] = True  # an island beside it
+    mask[3, 25, 25] = True  # a stray pixel on another slice
+    kept = rs.largest_component(mask)
+    expected = mask.copy()
+    expected[1, 25:28, 25:28] = expected[3, 25, 25] = False
+    np.testing.assert_array_equal(kept, expected)
+    empty = np.zeros((2, 5, 5), dtype=bool)
+    assert not rs.largest_component(empty).any()
 
 
 @pytest.mark.slow

@@ -16,10 +16,12 @@ last case (or --validation-case) is held out for the validation Dice. Training s
 model.json (architecture, window, pixel size, label, training record with the validation Dice) and
 nothing else; it is replaced as a whole or not at all, and loading never unpickles.
 
-predict: for every volume of the input, <case>_seg.nrrd (uint8, 1 = the organ, the input's exact grid)
-and <case>_uncertainty.csv: one row per axial slice (the AxialFrame index AnomalyFlag's scorer uses):
-index, entropy_in_contour, entropy_band, mean_entropy = the mean softmax entropy (bits, 0-1) inside the
-predicted contour, within BAND_MM of its boundary (either side), and over both; nan where empty.
+predict: for every volume of the input, <case>_seg.nrrd (uint8, 1 = the organ, the input's exact grid;
+the largest 3D connected component of the thresholded softmax, as deployed organ models post-process,
+unless --all-components) and <case>_uncertainty.csv: one row per axial slice (the AxialFrame index
+AnomalyFlag's scorer uses): index, entropy_in_contour, entropy_band, mean_entropy = the mean softmax
+entropy (bits, 0-1) inside the predicted contour, within BAND_MM of its boundary (either side), and over
+both; nan where empty.
 
 evaluate: Dice of each <case>_seg.* in --segmentations against the organ in <case>_organs.* of --input,
 per volume and per slice, with the slices that an anomaly (<case>_anomaly.*) touches reported apart, and
@@ -317,10 +319,24 @@ def uncertainty_csv(rows: List[tuple]) -> str:
     return buf.getvalue()
 
 
-def segment(network: torch.nn.Module, meta: dict, image: sitk.Image, slices: np.ndarray, frame: AxialFrame):
-    """(label map on IMAGE's grid, (slice, row, column) probability, prediction) for one volume."""
+def largest_component(mask: np.ndarray) -> np.ndarray:
+    """The largest face-connected 3D component of MASK: the organ is one piece, islands are the model's errors."""
+    if not mask.any():
+        return mask
+    components = sitk.ConnectedComponent(sitk.GetImageFromArray(mask.astype(np.uint8)), False)
+    return sitk.GetArrayFromImage(sitk.RelabelComponent(components, sortByObjectSize=True)) == 1
+
+
+def segment(
+    network: torch.nn.Module, meta: dict, image: sitk.Image, slices: np.ndarray, frame: AxialFrame,
+    all_components: bool = False,
+):  # fmt: skip
+    """(label map on IMAGE's grid, (slice, row, column) probability, prediction) for one volume; the
+    prediction is the largest connected component unless ALL_COMPONENTS."""
     probability = foreground_probability(network, slices, (frame.row_spacing, frame.column_spacing), meta)
     prediction = probability > 0.5
+    if not all_components:
+        prediction = largest_component(prediction)
     labels = np.zeros(sitk.GetArrayViewFromImage(image).shape, dtype=np.uint8)
     frame.view(labels)[...] = prediction
     out = sitk.GetImageFromArray(labels)
@@ -328,7 +344,7 @@ def segment(network: torch.nn.Module, meta: dict, image: sitk.Image, slices: np.
     return out, probability, prediction
 
 
-def predict(model, input_path, output, log: Log = print) -> List[Path]:
+def predict(model, input_path, output, log: Log = print, all_components: bool = False) -> List[Path]:
     """Write <case>_seg.nrrd and <case>_uncertainty.csv into OUTPUT for every volume of INPUT_PATH."""
     network, meta = load_model(model)
     cases = discover_cases(input_path, "prediction input")
@@ -338,7 +354,7 @@ def predict(model, input_path, output, log: Log = print) -> List[Path]:
     for case in cases:
         started = time.monotonic()
         image, slices, frame = read_axial(case.image, "volume")
-        seg, probability, prediction = segment(network, meta, image, slices, frame)
+        seg, probability, prediction = segment(network, meta, image, slices, frame, all_components)
         seg_path = output / f"{case.name}{SEGMENTATION_SUFFIX}.nrrd"
         write_image_atomic(seg, seg_path)
         csv_path = write_text_atomic(output / f"{case.name}{UNCERTAINTY_SUFFIX}", uncertainty_csv(
@@ -639,6 +655,8 @@ def main(argv=None) -> int:
     p.add_argument("--model", required=True)
     p.add_argument("--input", required=True, help="a volume, a DICOM series folder, a folder or a datalist")
     p.add_argument("--output", required=True, help="folder for the segmentations and uncertainty tables")
+    p.add_argument("--all-components", action="store_true",
+                   help="keep every connected component of the contour (default: the largest, the organ)")  # fmt: skip
     p = commands.add_parser("evaluate", help="Dice of segmentations against the organ label maps")
     p.add_argument("--input", required=True, help="folder of <case>.nrrd with <case>_organs.nrrd")
     p.add_argument("--segmentations", required=True, help="folder of <case>_seg.nrrd")
@@ -651,7 +669,7 @@ def main(argv=None) -> int:
         if args.command == "train":
             train(args.input, args.output, args.minutes, args.seed, args.label, args.iterations, args.validation_case)
         elif args.command == "predict":
-            predict(args.model, args.input, args.output)
+            predict(args.model, args.input, args.output, all_components=args.all_components)
         else:
             report = evaluate(args.input, args.segmentations, args.label)
             if args.output:

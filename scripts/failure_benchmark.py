@@ -3,9 +3,12 @@
 
 A reference segmenter (scripts/reference_segmenter.py, a MONAI U-Net trained on the quality benchmark's 24
 normal training phantoms' livers) stands in for the clinic's deployed model. It contours the liver of the
-test phantoms (8 normal, 6 per anomaly type); the phantoms' true livers are the reference contours. A slice
-has failed where the automatic contour's Dice is under 0.8 (reference of 50 voxels or more), or where one
-contour is missing (AnomalyFlagLib.evaluation.segmentation_failure.FailureRule).
+test phantoms (16 normal, 24 per anomaly type) and of 24 further subjects with one large liver mass each
+(50-90 mm across, hypo- or hyperdense: the clinical-size lesions of the quality benchmark do not break this
+segmenter's contours, masses of this size do); the phantoms' true livers are the reference contours (fluid
+displaces the liver: the phantom labels it body). A slice has failed where the automatic contour's Dice
+is under 0.8 (reference of 50 voxels or more), or where one contour is missing
+(AnomalyFlagLib.evaluation.segmentation_failure.FailureRule).
 
 Each detector backend (trained on the same normal phantoms, or reused with --model) is recalibrated on 8
 further normal phantoms with the segmenter's own contours (the deployed model's contours on normal scans),
@@ -14,7 +17,10 @@ failure AUROC/AUPRC, AURC and the Dice recovered by recontouring the flagged sli
 score (flags at its calibrated threshold) and the whole-body score (flags at its own); beside baselines at
 the organ-aware flag count: random flags, the segmenter's own uncertainty (mean softmax entropy inside and
 around its contour) and the sum of the two ranks (anomaly score and uncertainty). Also the false-flag rate on
-the normal test phantoms. Writes failure.json, failure.png and prints a Markdown table.
+the normal test phantoms, and where the failures lie: on slices where an anomaly touches the true liver or
+its margin, or elsewhere (failures no anomaly detector can foresee). Every figure is given for the quality
+benchmark's test sets, for the liver masses alone, and for all together. Writes failure.json,
+failure_<backend>.png and prints a Markdown table.
 
     python scripts/failure_benchmark.py                          # train what is missing: ~20 + 30 min per backend
     python scripts/failure_benchmark.py --model restoration=reports/quality/models/phantom_restoration
@@ -37,7 +43,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "AnomalyFlag"))
 sys.path.insert(0, str(ROOT / "scripts"))
 
-from AnomalyFlagLib.atomic_files import write_json_atomic  # noqa: E402
+from AnomalyFlagLib.atomic_files import atomic_path, write_json_atomic  # noqa: E402
 from AnomalyFlagLib.detectors import DEFAULT_BACKEND  # noqa: E402
 from AnomalyFlagLib.evaluation.segmentation_failure import (  # noqa: E402
     FailureRule,
@@ -50,24 +56,37 @@ from AnomalyFlagLib.evaluation.segmentation_failure import (  # noqa: E402
 from AnomalyFlagLib.geometry import Geometry  # noqa: E402
 from AnomalyFlagLib.io.cases import discover_cases  # noqa: E402
 from AnomalyFlagLib.io.volumes import write_image_atomic  # noqa: E402
+from AnomalyFlagLib.orientation import AxialFrame  # noqa: E402
 from AnomalyFlagLib.phantom import ANOMALY_KINDS, ORGAN_LABELS, make_phantom  # noqa: E402
+from AnomalyFlagLib.roi import RoiSlabs  # noqa: E402
 from AnomalyFlagLib.scoring import Scorer  # noqa: E402
 from AnomalyFlagLib.training import recalibrate  # noqa: E402
 from quality_benchmark import KIND_LABELS, make_phantom_sets, train_backend  # noqa: E402
 
 SEGMENTER = ROOT / "scripts" / "reference_segmenter.py"
+MASS = "liver mass"  # the extra test set of large liver masses, reported apart and pooled with the others
+MARGIN_MM = 10.0  # the organ-aware score's margin around the contour (the scorer's default)
 
 
-def make_calibration_set(folder: Path, like: Path, count: int) -> Path:
-    """`count` further normal phantoms with the test phantoms' geometry (seeded; written once)."""
+def liver_mass(rng: np.random.Generator) -> dict:
+    """A hypo- or hyperdense liver mass 50-90 mm across: the size at which masses break liver contours."""
+    kind = ("hypodense_lesion", "hyperdense_lesion")[int(rng.integers(2))]
+    return {"kind": kind, "radius_mm": float(rng.uniform(25.0, 45.0)), "region": "liver"}
+
+
+def make_extra_set(folder: Path, like: Path, count: int, seed: int, prefix: str, anomaly=None) -> Path:
+    """`count` further phantoms with the test phantoms' geometry, each with the anomaly `anomaly(rng)` gives
+    (none when None); seeded, written once."""
     done = folder / "complete.json"
     if done.is_file():
         return folder
     spec = json.loads((like / "complete.json").read_text())
-    rng = np.random.default_rng(4000)
+    rng = np.random.default_rng(seed)
     for i in range(count):
-        phantom = make_phantom(spec["slices"], spec["size"], tuple(spec["spacing"]), seed=int(rng.integers(2**31)))
-        phantom.save(folder, f"calib_{i:03d}")
+        anomalies = [anomaly(rng)] if anomaly is not None else []
+        phantom = make_phantom(spec["slices"], spec["size"], tuple(spec["spacing"]), seed=int(rng.integers(2**31)),
+                               anomalies=anomalies)  # fmt: skip
+        phantom.save(folder, f"{prefix}_{i:03d}")
     write_json_atomic(done, {"count": count, **spec}, indent=None)
     return folder
 
@@ -103,8 +122,23 @@ def _uncertainty(path: Path, n: int) -> np.ndarray:
     return values
 
 
+def anomaly_at_organ(case, geometry: Geometry) -> np.ndarray:
+    """Per slice: does the case's anomaly touch the true organ or its MARGIN_MM margin there?"""
+    frame = AxialFrame.from_geometry(geometry)
+    n = geometry.size[frame.slice_ijk_axis]
+    if case.mask is None:
+        return np.zeros(n, dtype=bool)
+    reference = sitk.GetArrayFromImage(sitk.ReadImage(str(case.reference))) > 0
+    if not reference.any():
+        return np.zeros(n, dtype=bool)
+    near = RoiSlabs(reference, geometry, MARGIN_MM).slab(0, n).numpy() > 0.5
+    anomaly = frame.view(sitk.GetArrayFromImage(sitk.ReadImage(str(case.mask))) > 0)
+    return (near & anomaly).any(axis=(1, 2))
+
+
 def case_table(scorer: Scorer, case, rule: FailureRule) -> dict:
-    """Per slice of one case: Dice, failure, the organ-aware and whole-body scores and flags, uncertainty."""
+    """Per slice of one case: Dice, failure, the organ-aware and whole-body scores and flags, uncertainty, and
+    whether an anomaly lies at the organ."""
     image = sitk.ReadImage(str(case.image))
     geometry = Geometry.from_image(image)
     body = scorer.score(image, name=case.name)
@@ -114,6 +148,7 @@ def case_table(scorer: Scorer, case, rule: FailureRule) -> dict:
         "name": case.name,
         "dice": dice["dice"],
         "failed": failed_slices(dice, rule),
+        "anomaly_at_organ": anomaly_at_organ(case, geometry),
         "organ_score": flag_ranking(organ.slices),
         "organ_flagged": organ.slices["flagged"],
         "in_roi": organ.slices["in_roi"],
@@ -122,6 +157,34 @@ def case_table(scorer: Scorer, case, rule: FailureRule) -> dict:
         "uncertainty": _uncertainty(case.image.parent / f"{case.name}_uncertainty.csv", len(body.slices)),
         "organ_aware": bool((organ.slices["score_kind"] == "organ").any()),
     }
+
+
+def save_tables(path: Path, model: Path, tables: dict) -> None:
+    """The per-slice tables of every set, as arrays in an .npz (re-analysed without scoring again)."""
+    arrays = {"model": np.array(str(model))}
+    for name, group in tables.items():
+        for i, table in enumerate(group):
+            arrays.update({f"{name}/{i:04d}/{key}": np.asarray(value) for key, value in table.items()})
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        np.savez_compressed(f, **arrays)
+
+
+def load_tables(path: Path, model: Path):
+    """The tables `save_tables` wrote for `model`, or None (no file, or another model's)."""
+    if not path.is_file():
+        return None
+    with np.load(path, allow_pickle=False) as data:
+        if str(data["model"]) != str(model):
+            return None
+        tables: dict = {}
+        for key in (k for k in data.files if k != "model"):  # in the order written
+            name, i, field = key.split("/")
+            group = tables.setdefault(name, [])
+            if int(i) == len(group):
+                group.append({})
+            value = data[key]
+            group[int(i)][field] = value.item() if value.ndim == 0 else value
+    return tables
 
 
 def _top(scores: np.ndarray, count: int) -> np.ndarray:
@@ -142,12 +205,16 @@ def compare(tables: list, seed: int = 0) -> dict:
     count = int(pooled["organ_flagged"].sum())
     rng = np.random.default_rng(seed)
     random_runs = [failure_metrics(s, failed, dice, _top(s, count)) for s in rng.random((20, len(dice)))]
-    combined = _ranks(pooled["organ_score"]) + _ranks(pooled["uncertainty"])
+    organ_rank, uncertainty_rank = _ranks(pooled["organ_score"]), _ranks(pooled["uncertainty"])
+    either = np.maximum(organ_rank, uncertainty_rank)  # extreme on either: the two see different failures
     methods = {
         "organ-aware": failure_metrics(pooled["organ_score"], failed, dice, pooled["organ_flagged"]),
         "whole-body": failure_metrics(pooled["body_score"], failed, dice, pooled["body_flagged"]),
         "uncertainty": failure_metrics(pooled["uncertainty"], failed, dice, _top(pooled["uncertainty"], count)),
-        "organ-aware + uncertainty": failure_metrics(combined, failed, dice, _top(combined, count)),
+        "organ-aware + uncertainty": failure_metrics(
+            organ_rank + uncertainty_rank, failed, dice, _top(organ_rank + uncertainty_rank, count)
+        ),
+        "max(organ-aware, uncertainty)": failure_metrics(either, failed, dice, _top(either, count)),
     }
     keys = ("failure_auroc", "failure_auprc", "aurc", "mean_dice_after", "dice_recovered_share",
             "flagged_per_failure_found", "failures_flagged")  # fmt: skip
@@ -164,6 +231,16 @@ def compare(tables: list, seed: int = 0) -> dict:
     return methods
 
 
+def failure_causes(tables: list) -> dict:
+    """How many failed slices have an anomaly at the organ (within the margin), and how many do not."""
+    failed = np.concatenate([t["failed"] for t in tables])
+    at_organ = np.concatenate([t["anomaly_at_organ"] for t in tables])
+    return {"failed": int(failed.sum()), "failed_with_anomaly_at_organ": int((failed & at_organ).sum()),
+            "slices_with_anomaly_at_organ": int(at_organ.sum()),
+            "failed_share_of_anomaly_at_organ": float(failed[at_organ].mean()) if at_organ.any() else None,
+            "failed_share_elsewhere": float(failed[~at_organ].mean())}  # fmt: skip
+
+
 def false_flag_rates(tables: list) -> dict:
     """Share flagged of the normal test phantoms' slices: organ-aware among the slices of the contour and
     its margin, whole-body among all."""
@@ -178,19 +255,22 @@ def markdown(results: dict) -> str:
     def f(v):
         return "-" if v is None else f"{v:.3f}" if isinstance(v, float) else str(v)
 
-    lines = ["| backend | method | failure AUROC | AUPRC | AURC (random, optimal) | Dice before -> after | "
-             "Dice recovered | flagged / failure found | false-flag rate (normal) |",
-             "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    lines = ["| backend | test sets | method | failure AUROC | AUPRC | AURC (random, optimal) | Dice before -> after "
+             "| Dice recovered | flagged / failure found | false-flag rate (normal) |",
+             "|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for backend, res in results["backends"].items():
         normal = res["false_flag_rate_normal"]
-        for method, m in res["methods"].items():
-            ffr = {"organ-aware": normal["organ_aware"], "whole-body": normal["whole_body"]}.get(method)
-            lines.append(
-                f"| {backend} | {method} | {f(m['failure_auroc'])} | {f(m['failure_auprc'])} | {f(m['aurc'])} "
-                f"({f(m['aurc_random'])}, {f(m['aurc_optimal'])}) | {f(m['mean_dice_before'])} -> "
-                f"{f(m['mean_dice_after'])} | {f(m['dice_recovered_share'])} | {f(m['flagged_per_failure_found'])} "
-                f"| {f(ffr)} |"
-            )
+        groups = {"quality benchmark's": res["methods_without_masses"], f"{MASS} only": res["per_set"][MASS],
+                  "all": res["methods"]}  # fmt: skip
+        for group, methods in groups.items():
+            for method, m in methods.items():
+                ffr = {"organ-aware": normal["organ_aware"], "whole-body": normal["whole_body"]}.get(method)
+                lines.append(
+                    f"| {backend} | {group} ({m['n_failures']} of {m['n_slices']} failed) | {method} "
+                    f"| {f(m['failure_auroc'])} | {f(m['failure_auprc'])} | {f(m['aurc'])} ({f(m['aurc_random'])}, "
+                    f"{f(m['aurc_optimal'])}) | {f(m['mean_dice_before'])} -> {f(m['mean_dice_after'])} "
+                    f"| {f(m['dice_recovered_share'])} | {f(m['flagged_per_failure_found'])} | {f(ffr)} |"
+                )
     return "\n".join(lines)
 
 
@@ -213,13 +293,16 @@ def main(argv=None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     given = dict(item.split("=", 1) for item in args.model)
     sets = make_phantom_sets(data / "phantoms", args.smoke)
-    calibration = make_calibration_set(data / "failure_calibration", data / "phantoms", 3 if args.smoke else 8)
+    calibration = make_extra_set(data / "failure_calibration", data / "phantoms", 3 if args.smoke else 8, 4000, "calib")
+    masses = make_extra_set(
+        data / "failure_masses", data / "phantoms", 2 if args.smoke else 24, 5000, "mass", liver_mass
+    )
 
     segmenter = out / "segmenter"
     if not (segmenter / "model.json").is_file():
         _segmenter("train", "--input", str(sets["train"]), "--output", str(segmenter), "--minutes", str(seg_minutes))
     cases = out / "cases"
-    test_sets = {"normal": sets["test_normal"], **{KIND_LABELS[k]: sets[k] for k in ANOMALY_KINDS}}
+    test_sets = {"normal": sets["test_normal"], **{KIND_LABELS[k]: sets[k] for k in ANOMALY_KINDS}, MASS: masses}
     calib = contoured_copy(calibration, cases / "calibration", segmenter)
     contoured = {name: contoured_copy(folder, cases / name, segmenter) for name, folder in test_sets.items()}
 
@@ -231,16 +314,22 @@ def main(argv=None) -> int:
         record = {"model": str(trained)}
         if backend not in given and not (trained / "metadata.json").is_file():
             record["training"] = train_backend(backend, sets["train"], trained, minutes, {}, args.device)
-        model = recalibrate(trained, calib, out / "models" / f"{backend}_organ", device=args.device)
-        scorer = Scorer(model, device=args.device)
-        tables = {
-            name: [case_table(scorer, c, rule) for c in discover_cases(folder)] for name, folder in contoured.items()
-        }
+        organ_model, saved = out / "models" / f"{backend}_organ", out / f"slices_{backend}.npz"
+        tables = load_tables(saved, organ_model)  # delete the file to score again
+        if tables is None:
+            recalibrate(trained, calib, organ_model, device=args.device)
+        scorer = Scorer(organ_model, device=args.device)
+        if tables is None:
+            tables = {name: [case_table(scorer, c, rule) for c in discover_cases(folder)]
+                      for name, folder in contoured.items()}  # fmt: skip
+            save_tables(saved, organ_model, tables)
         every = [t for group in tables.values() for t in group]
         record["organ_calibration"] = scorer.bundle.organ_calibration.to_dict()
         record["methods"] = compare(every)
+        record["methods_without_masses"] = compare([t for n, g in tables.items() if n != MASS for t in g])
         record["per_set"] = {name: compare(group) for name, group in tables.items()}
         record["false_flag_rate_normal"] = false_flag_rates(tables["normal"])
+        record["failure_causes"] = {"all": failure_causes(every), **{n: failure_causes(g) for n, g in tables.items()}}
         record["segmenter_mean_dice"] = {name: float(np.mean(np.concatenate([t["dice"] for t in group])))
                                          for name, group in tables.items()}  # fmt: skip
         results["backends"][backend] = record

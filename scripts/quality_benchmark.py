@@ -47,6 +47,7 @@ sys.path.insert(0, str(ROOT / "AnomalyFlag"))
 sys.path.insert(0, str(ROOT / "scripts"))
 
 from AnomalyFlagLib.atomic_files import atomic_path, write_json_atomic  # noqa: E402
+from AnomalyFlagLib.config import config_from_dict  # noqa: E402
 from AnomalyFlagLib.detectors import BACKENDS, DEFAULT_BACKEND, backend_class  # noqa: E402
 from AnomalyFlagLib.evaluation.metrics import PixelAccumulator, roc_curve, slice_metrics  # noqa: E402
 from AnomalyFlagLib.io.volumes import write_image_atomic  # noqa: E402
@@ -208,19 +209,38 @@ def train_backend(
             raise SystemExit(f"--set {backend}.{name}: backend '{backend}' has no option '{name}'")
         kind = type(getattr(config, name))
         setattr(config, name, value.lower() in ("1", "true", "yes") if kind is bool else kind(value))
-    metadata = out / "metadata.json"
-    if resume and metadata.exists():
-        print(f"{out}: trained already (--resume), scoring it again")
-        return _training_record(json.loads(metadata.read_text())["training"], settings)
     max_minutes = minutes
     if replay:
         for stage in cls.stages(options):
             if stage.steps_option and stage.name in replay:
                 setattr(options, stage.steps_option, int(replay[stage.name]))
         max_minutes = None
+    metadata = out / "metadata.json"
+    if resume and metadata.exists():
+        kept = json.loads(metadata.read_text())
+        steps = {stage.steps_option for stage in cls.stages(options) if stage.steps_option}
+        _check_kept(kept, out, backend, architecture, options, steps if max_minutes is not None else set())
+        print(f"{out}: trained already (--resume), scoring it again")
+        return _training_record(kept["training"], settings)
     train(data, out, backend, architecture, options, max_minutes=max_minutes, device=device, log=print,
           checkpoint_every=10**9, extra_inputs=extra)  # fmt: skip
     return _training_record(json.loads(metadata.read_text())["training"], settings)
+
+
+def _check_kept(kept: dict, out: Path, backend: str, architecture, options, budgeted: set) -> None:
+    """Refuse (SystemExit) a kept bundle whose backend, architecture or options differ from this run's;
+    step counts are not compared where the run is time-budgeted (`budgeted` names them)."""
+    if kept.get("backend") != backend or not isinstance(kept.get(backend), dict):
+        raise SystemExit(f"--resume: {out} holds a '{kept.get('backend')}' model, not '{backend}'; delete it.")
+    differ = []
+    for block, wanted in (("architecture", architecture), ("training_options", options)):
+        stored = config_from_dict(type(wanted), kept[backend].get(block, {}), f"{out}: {backend}.{block}")
+        differ += [f"{name}: kept {getattr(stored, name)!r}, asked {value!r}" for name, value in vars(wanted).items()
+                   if name not in budgeted and getattr(stored, name) != value]  # fmt: skip
+    if differ:
+        raise SystemExit(
+            f"--resume: {out} was trained with other settings ({'; '.join(differ)}); delete it to retrain."
+        )
 
 
 def _training_record(training: dict, settings: dict) -> dict:

@@ -159,9 +159,10 @@ def case_table(scorer: Scorer, case, rule: FailureRule) -> dict:
     }
 
 
-def save_tables(path: Path, model: Path, tables: dict) -> None:
-    """The per-slice tables of every set, as arrays in an .npz (re-analysed without scoring again)."""
-    arrays = {"model": np.array(str(model))}
+def save_tables(path: Path, model: Path, tables: dict, seconds: float) -> None:
+    """The per-slice tables of every set and the seconds scoring them took, as arrays in an .npz
+    (re-analysed without scoring again)."""
+    arrays = {"model": np.array(str(model)), "seconds": np.array(float(seconds))}
     for name, group in tables.items():
         for i, table in enumerate(group):
             arrays.update({f"{name}/{i:04d}/{key}": np.asarray(value) for key, value in table.items()})
@@ -170,21 +171,21 @@ def save_tables(path: Path, model: Path, tables: dict) -> None:
 
 
 def load_tables(path: Path, model: Path):
-    """The tables `save_tables` wrote for `model`, or None (no file, or another model's)."""
+    """(tables, seconds) as `save_tables` wrote them for `model`, or (None, None): no file, or another model's."""
     if not path.is_file():
-        return None
+        return None, None
     with np.load(path, allow_pickle=False) as data:
         if str(data["model"]) != str(model):
-            return None
+            return None, None
         tables: dict = {}
-        for key in (k for k in data.files if k != "model"):  # in the order written
+        for key in (k for k in data.files if k not in ("model", "seconds")):  # in the order written
             name, i, field = key.split("/")
             group = tables.setdefault(name, [])
             if int(i) == len(group):
                 group.append({})
             value = data[key]
             group[int(i)][field] = value.item() if value.ndim == 0 else value
-    return tables
+        return tables, float(data["seconds"]) if "seconds" in data.files else None
 
 
 def _top(scores: np.ndarray, count: int) -> np.ndarray:
@@ -252,25 +253,36 @@ def false_flag_rates(tables: list) -> dict:
 
 
 def markdown(results: dict) -> str:
-    def f(v):
-        return "-" if v is None else f"{v:.3f}" if isinstance(v, float) else str(v)
+    """One row per backend and method: the failure AUROC on the quality benchmark's sets, the liver masses
+    and all; the rest over all sets (failure.json has every figure for each)."""
 
-    lines = ["| backend | test sets | method | failure AUROC | AUPRC | AURC (random, optimal) | Dice before -> after "
-             "| Dice recovered | flagged / failure found | false-flag rate (normal) |",
-             "|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    def f(v, digits=3):
+        return "-" if v is None else f"{v:.{digits}f}" if isinstance(v, float) else str(v)
+
+    lines = ["| backend | method | failure AUROC: quality sets / liver masses / all | AURC, all | Dice before -> "
+             "after, all | Dice recovered: liver masses / all | flagged per failure found, all "
+             "| false-flag rate, normal |",
+             "|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for backend, res in results["backends"].items():
         normal = res["false_flag_rate_normal"]
-        groups = {"quality benchmark's": res["methods_without_masses"], f"{MASS} only": res["per_set"][MASS],
-                  "all": res["methods"]}  # fmt: skip
-        for group, methods in groups.items():
-            for method, m in methods.items():
-                ffr = {"organ-aware": normal["organ_aware"], "whole-body": normal["whole_body"]}.get(method)
-                lines.append(
-                    f"| {backend} | {group} ({m['n_failures']} of {m['n_slices']} failed) | {method} "
-                    f"| {f(m['failure_auroc'])} | {f(m['failure_auprc'])} | {f(m['aurc'])} ({f(m['aurc_random'])}, "
-                    f"{f(m['aurc_optimal'])}) | {f(m['mean_dice_before'])} -> {f(m['mean_dice_after'])} "
-                    f"| {f(m['dice_recovered_share'])} | {f(m['flagged_per_failure_found'])} | {f(ffr)} |"
-                )
+        quality, masses, every = res["methods_without_masses"], res["per_set"][MASS], res["methods"]
+        for method, m in every.items():
+            ffr = {"organ-aware": normal["organ_aware"], "whole-body": normal["whole_body"]}.get(method)
+            auroc = " / ".join(f(x[method]["failure_auroc"]) for x in (quality, masses, every))
+            dice = f"{f(m['mean_dice_before'])} -> {f(m['mean_dice_after'])}"
+            lines.append(
+                f"| {backend} | {method} | {auroc} | {f(m['aurc'])} | {dice} "
+                f"| {f(masses[method]['dice_recovered_share'], 2)} / {f(m['dice_recovered_share'], 2)} "
+                f"| {f(m['flagged_per_failure_found'], 1)} | {f(ffr)} |"
+            )
+    first = next(iter(results["backends"].values()), None)
+    if first is not None:
+        groups = {"quality sets": first["methods_without_masses"], "liver masses": first["per_set"][MASS],
+                  "all": first["methods"]}  # fmt: skip
+        counts = {name: (m["random flags"]["n_failures"], m["random flags"]["n_slices"]) for name, m in groups.items()}
+        lines.append("\nFailed slices: " + ", ".join(f"{k} {a} of {b}" for k, (a, b) in counts.items())
+                     + f"; AURC of a random ranking {f(first['methods']['random flags']['aurc_random'])}, optimal "
+                     f"{f(first['methods']['random flags']['aurc_optimal'])} (all).")  # fmt: skip
     return "\n".join(lines)
 
 
@@ -313,16 +325,21 @@ def main(argv=None) -> int:
         trained = Path(given[backend]) if backend in given else out / "models" / f"phantom_{backend}"
         record = {"model": str(trained)}
         if backend not in given and not (trained / "metadata.json").is_file():
-            record["training"] = train_backend(backend, sets["train"], trained, minutes, {}, args.device)
+            record["training"] = train_backend(
+                backend, sets["train"], trained, minutes, replay={}, device=args.device, settings={}
+            )
         organ_model, saved = out / "models" / f"{backend}_organ", out / f"slices_{backend}.npz"
-        tables = load_tables(saved, organ_model)  # delete the file to score again
+        tables, seconds = load_tables(saved, organ_model)  # delete the file to score again
         if tables is None:
+            scoring_started = time.monotonic()
             recalibrate(trained, calib, organ_model, device=args.device)
         scorer = Scorer(organ_model, device=args.device)
         if tables is None:
             tables = {name: [case_table(scorer, c, rule) for c in discover_cases(folder)]
                       for name, folder in contoured.items()}  # fmt: skip
-            save_tables(saved, organ_model, tables)
+            seconds = time.monotonic() - scoring_started
+            save_tables(saved, organ_model, tables, seconds)
+        record["calibration_and_scoring_seconds"] = None if seconds is None else round(seconds)
         every = [t for group in tables.values() for t in group]
         record["organ_calibration"] = scorer.bundle.organ_calibration.to_dict()
         record["methods"] = compare(every)
@@ -340,6 +357,9 @@ def main(argv=None) -> int:
                     for t in shown]  # fmt: skip
         write_failure_png(out / f"failure_{backend}.png", per_case, record["methods"]["organ-aware"],
                           title=f"{backend}: organ-aware flags against the reference segmenter's failures")  # fmt: skip
+        for group in (record["methods"], record["methods_without_masses"], *record["per_set"].values()):
+            for metrics in group.values():  # the PNG draws the curve; a point per slice is too much for the JSON
+                metrics.pop("risk_coverage", None)
         write_json_atomic(out / "failure.json", {**results, "seconds": round(time.monotonic() - started)}, indent=1)
         print(markdown({"backends": {backend: record}}), flush=True)
     print(markdown(results))

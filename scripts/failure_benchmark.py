@@ -12,15 +12,17 @@ is under 0.8 (reference of 50 voxels or more), or where one contour is missing
 
 Each detector backend (trained on the same normal phantoms, or reused with --model) is recalibrated on 8
 further normal phantoms with the segmenter's own contours (the deployed model's contours on normal scans),
-which gives it the organ-aware calibration (liver contour plus 10 mm) beside the whole-body one. Per backend:
-failure AUROC/AUPRC, AURC and the Dice recovered by recontouring the flagged slices, for the organ-aware
-score (flags at its calibrated threshold) and the whole-body score (flags at its own); beside baselines at
-the organ-aware flag count: random flags, the segmenter's own uncertainty (mean softmax entropy inside and
-around its contour) and the sum of the two ranks (anomaly score and uncertainty). Also the false-flag rate on
-the normal test phantoms, and where the failures lie: on slices where an anomaly touches the true liver or
-its margin, or elsewhere (failures no anomaly detector can foresee). Every figure is given for the quality
-benchmark's test sets, for the liver masses alone, and for all together. Writes failure.json,
-failure_<backend>.png and prints a Markdown table.
+which gives it the organ-aware calibration (liver contour plus 10 mm) beside the whole-body one. Per
+backend: failure AUROC/AUPRC, AURC and the Dice recovered by recontouring the flagged slices, for the
+organ-aware score (flags at its calibrated threshold) and the whole-body score (flags at its own); beside
+baselines at the organ-aware flag count: random flags, the segmenter's own uncertainty (mean softmax entropy
+inside and around its contour), and the sum and the maximum of the two ranks (anomaly score and
+uncertainty). Also the false-flag rate on the normal test phantoms, and where the failures lie: on slices
+where an anomaly touches the true liver or its margin, or elsewhere (failures no anomaly detector can
+foresee). Every figure is given for the quality benchmark's test sets, for the liver masses alone, and for
+all together. Writes failure.json, failure_<backend>.png and prints a Markdown table; each backend's
+per-slice tables are kept in slices_<backend>.npz and used again by a later run with the same output (delete
+one to score again).
 
     python scripts/failure_benchmark.py                          # train what is missing: ~20 + 30 min per backend
     python scripts/failure_benchmark.py --model restoration=reports/quality/models/phantom_restoration
@@ -44,6 +46,7 @@ sys.path.insert(0, str(ROOT / "AnomalyFlag"))
 sys.path.insert(0, str(ROOT / "scripts"))
 
 from AnomalyFlagLib.atomic_files import atomic_path, write_json_atomic  # noqa: E402
+from AnomalyFlagLib.bundle import load_bundle  # noqa: E402
 from AnomalyFlagLib.detectors import DEFAULT_BACKEND  # noqa: E402
 from AnomalyFlagLib.evaluation.segmentation_failure import (  # noqa: E402
     FailureRule,
@@ -333,15 +336,14 @@ def main(argv=None) -> int:
         if tables is None:
             scoring_started = time.monotonic()
             recalibrate(trained, calib, organ_model, device=args.device)
-        scorer = Scorer(organ_model, device=args.device)
-        if tables is None:
+            scorer = Scorer(organ_model, device=args.device)
             tables = {name: [case_table(scorer, c, rule) for c in discover_cases(folder)]
                       for name, folder in contoured.items()}  # fmt: skip
             seconds = time.monotonic() - scoring_started
             save_tables(saved, organ_model, tables, seconds)
         record["calibration_and_scoring_seconds"] = None if seconds is None else round(seconds)
         every = [t for group in tables.values() for t in group]
-        record["organ_calibration"] = scorer.bundle.organ_calibration.to_dict()
+        record["organ_calibration"] = load_bundle(organ_model).organ_calibration.to_dict()
         record["methods"] = compare(every)
         record["methods_without_masses"] = compare([t for n, g in tables.items() if n != MASS for t in g])
         record["per_set"] = {name: compare(group) for name, group in tables.items()}
@@ -360,7 +362,8 @@ def main(argv=None) -> int:
         for group in (record["methods"], record["methods_without_masses"], *record["per_set"].values()):
             for metrics in group.values():  # the PNG draws the curve; a point per slice is too much for the JSON
                 metrics.pop("risk_coverage", None)
-        write_json_atomic(out / "failure.json", {**results, "seconds": round(time.monotonic() - started)}, indent=1)
+        write_json_atomic(out / "failure.json", {**results, "seconds_this_run": round(time.monotonic() - started)},
+                          indent=1)  # fmt: skip
         print(markdown({"backends": {backend: record}}), flush=True)
     print(markdown(results))
     print(f"Report: {out / 'failure.json'} and failure_<backend>.png")

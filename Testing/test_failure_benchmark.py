@@ -57,13 +57,14 @@ def test_saved_tables_come_back_for_their_model_only(tmp_path):
                         "failed": np.array([True]), "organ_aware": False}] * 2,
     }  # fmt: skip
     path = tmp_path / "slices.npz"
-    fb.save_tables(path, tmp_path / "model", tables)
-    back = fb.load_tables(path, tmp_path / "model")
+    fb.save_tables(path, tmp_path / "model", tables, 12.5)
+    back, seconds = fb.load_tables(path, tmp_path / "model")
+    assert seconds == 12.5
     assert list(back) == ["normal", "liver mass"] and len(back["liver mass"]) == 2
     row = back["normal"][0]
     assert row["name"] == "a" and row["organ_aware"] is True
     np.testing.assert_array_equal(row["dice"], tables["normal"][0]["dice"])
     np.testing.assert_array_equal(row["organ_score"], tables["normal"][0]["organ_score"])
     assert row["failed"].dtype == bool
-    assert fb.load_tables(path, tmp_path / "another") is None
-    assert fb.load_tables(tmp_path / "none.npz", tmp_path / "model") is None
+    assert fb.load_tables(path, tmp_path / "another") == (None, None)
+    assert fb.load_tables(tmp_path / "none.npz", tmp_path / "model") == (None, None)

@@ -210,14 +210,13 @@ def compare(tables: list, seed: int = 0) -> dict:
     rng = np.random.default_rng(seed)
     random_runs = [failure_metrics(s, failed, dice, _top(s, count)) for s in rng.random((20, len(dice)))]
     organ_rank, uncertainty_rank = _ranks(pooled["organ_score"]), _ranks(pooled["uncertainty"])
+    summed = organ_rank + uncertainty_rank
     either = np.maximum(organ_rank, uncertainty_rank)  # extreme on either: the two see different failures
     methods = {
         "organ-aware": failure_metrics(pooled["organ_score"], failed, dice, pooled["organ_flagged"]),
         "whole-body": failure_metrics(pooled["body_score"], failed, dice, pooled["body_flagged"]),
         "uncertainty": failure_metrics(pooled["uncertainty"], failed, dice, _top(pooled["uncertainty"], count)),
-        "organ-aware + uncertainty": failure_metrics(
-            organ_rank + uncertainty_rank, failed, dice, _top(organ_rank + uncertainty_rank, count)
-        ),
+        "organ-aware + uncertainty": failure_metrics(summed, failed, dice, _top(summed, count)),
         "max(organ-aware, uncertainty)": failure_metrics(either, failed, dice, _top(either, count)),
     }
     keys = ("failure_auroc", "failure_auprc", "aurc", "mean_dice_after", "dice_recovered_share",

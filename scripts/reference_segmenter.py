@@ -54,6 +54,7 @@ from AnomalyFlagLib.io.cases import Case, discover_cases  # noqa: E402
 from AnomalyFlagLib.io.volumes import case_name, is_volume_file, read_image, validate_image, write_image_atomic  # noqa: E402
 from AnomalyFlagLib.orientation import AxialFrame  # noqa: E402
 from AnomalyFlagLib.phantom import ORGAN_LABELS  # noqa: E402
+from AnomalyFlagLib.preprocessing import largest_component  # noqa: E402
 
 FORMAT = "anomalyflag-reference-segmenter"
 FORMAT_VERSION = 1
@@ -319,20 +320,13 @@ def uncertainty_csv(rows: List[tuple]) -> str:
     return buf.getvalue()
 
 
-def largest_component(mask: np.ndarray) -> np.ndarray:
-    """The largest face-connected 3D component of MASK: the organ is one piece, islands are the model's errors."""
-    if not mask.any():
-        return mask
-    components = sitk.ConnectedComponent(sitk.GetImageFromArray(mask.astype(np.uint8)), False)
-    return sitk.GetArrayFromImage(sitk.RelabelComponent(components, sortByObjectSize=True)) == 1
-
-
 def segment(
     network: torch.nn.Module, meta: dict, image: sitk.Image, slices: np.ndarray, frame: AxialFrame,
     all_components: bool = False,
 ):  # fmt: skip
     """(label map on IMAGE's grid, (slice, row, column) probability, prediction) for one volume; the
-    prediction is the largest connected component unless ALL_COMPONENTS."""
+    prediction is the largest face-connected 3D component unless ALL_COMPONENTS: the organ is one piece,
+    islands are the model's errors."""
     probability = foreground_probability(network, slices, (frame.row_spacing, frame.column_spacing), meta)
     prediction = probability > 0.5
     if not all_components:

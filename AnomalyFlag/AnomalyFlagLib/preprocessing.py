@@ -206,15 +206,21 @@ def body_mask(x: torch.Tensor, level: float) -> torch.Tensor:
     return _span(tissue, 3) & _span(tissue, 2)
 
 
+def largest_component(mask: np.ndarray, fully_connected: bool = False) -> np.ndarray:
+    """The largest connected component of a 2D or 3D bool array (all False where the array is); with
+    `fully_connected`, diagonal neighbours touch too (8-connected in 2D), else only faces do."""
+    if not mask.any():
+        return np.zeros(mask.shape, dtype=bool)
+    components = sitk.ConnectedComponent(sitk.GetImageFromArray(mask.astype(np.uint8)), fully_connected)
+    ranked = sitk.RelabelComponent(components, sortByObjectSize=True)
+    return sitk.GetArrayViewFromImage(ranked) == 1
+
+
 def _largest_region(mask: torch.Tensor) -> torch.Tensor:
     """The largest 8-connected region of each (H, W) slice of an (n, 1, H, W) mask."""
     out = np.zeros(mask.shape, dtype=bool)
-    for i, plane in enumerate(mask[:, 0].cpu().numpy().astype(np.uint8)):
-        if plane.any():
-            regions = sitk.RelabelComponent(
-                sitk.ConnectedComponent(sitk.GetImageFromArray(plane), True), sortByObjectSize=True
-            )
-            out[i, 0] = sitk.GetArrayViewFromImage(regions) == 1
+    for i, plane in enumerate(mask[:, 0].cpu().numpy()):
+        out[i, 0] = largest_component(plane, fully_connected=True)
     return torch.from_numpy(out).to(mask.device)
 
 

@@ -17,7 +17,7 @@ import torch
 
 from ..data_parallel import DataParallel
 from ..devices import autocast_for
-from ..errors import CancelledError
+from ..errors import CancelledError, OutputError
 from ..preprocessing import InputSpec
 
 ProgressFn = Callable[[str, int, int, Dict[str, float]], None]
@@ -193,11 +193,20 @@ class TrainingRun:
         return {"stage": stage.name, "step": step, "spent": time.monotonic() - started, "done": done_stages}
 
     def _save(self, networks, optimizers, where: dict) -> None:
-        """A checkpoint of the replicas (buffers averaged), with every process's random state; rank 0 writes."""
+        """A checkpoint of the replicas (buffers averaged), with every process's random state; rank 0 writes.
+
+        No process returns before the file is on disk, so a process that dies after its save cannot take
+        the write down with it; a failed write stops every process instead of leaving them waiting."""
         self.parallel.average_buffers(networks)
         states = self.parallel.gather_generator_states(self.generator)
+        error = None
         if self.parallel.rank == 0:
-            self.checkpoint.save({**self._networks, **networks}, {**self._optimizers, **optimizers}, states, where)
+            try:
+                self.checkpoint.save({**self._networks, **networks}, {**self._optimizers, **optimizers}, states, where)
+            except Exception as exc:  # every process must learn of it
+                error = exc
+        if not self.parallel.all_ok(error is None):
+            raise error or OutputError("the first training process could not write the checkpoint; see its error.")
 
     def _allotted(self, stage: TrainingStage) -> Optional[float]:
         """Seconds this stage may use: its share of the time left, counting the stages still to run."""

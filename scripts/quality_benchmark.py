@@ -23,7 +23,7 @@ per type, one row per backend) and prints a Markdown table.
     python scripts/quality_benchmark.py --minutes 120       # the 4x run
     python scripts/quality_benchmark.py --smoke             # a few minutes in all: small data, 1 minute each
     python scripts/quality_benchmark.py --replay reports/quality/quality.json   # the same steps again
-    python scripts/quality_benchmark.py --resume            # a run cut off: keep its trained models
+    python scripts/quality_benchmark.py --resume            # a run cut off: keep its models, resume
     python scripts/quality_benchmark.py --backends fanogan --no-real-ct         # one backend, phantoms only
     python scripts/quality_benchmark.py --backends progressive-ganomaly --set progressive-ganomaly.patch_stride=8
 
@@ -74,6 +74,7 @@ def clinic_anomaly(kind: str, rng: np.random.Generator) -> dict:
 
 
 TEST_COUNTS = {"train": 24, "test_normal": 16, "per_kind": 24}
+CHECKPOINT_EVERY = 500  # steps; `--resume` continues a training cut off mid-way from the last one
 """Subjects per set. 24 per anomaly type give 80-700 anomalous slices per type: with the 6 of earlier
 runs (20 hypodense slices) an AUROC moved by 0.07 from one subject draw to the next. Each set's subjects
 come from one seeded stream, so a larger set keeps the smaller one's subjects."""
@@ -198,7 +199,8 @@ def train_backend(
 ) -> dict:
     """Train one backend within the budget (or with the replayed step counts) with its default architecture
     and options but for `settings` ({field: value}); returns its training record. With `resume`, a bundle
-    already at `out` (a run that was cut off after training it) is kept."""
+    already at `out` (a run that was cut off after training it) is kept, and a training cut off mid-way
+    continues from its checkpoint."""
     from AnomalyFlagLib.training import train
 
     cls = backend_class(backend)
@@ -223,7 +225,7 @@ def train_backend(
         print(f"{out}: trained already (--resume), scoring it again")
         return _training_record(kept["training"], settings)
     train(data, out, backend, architecture, options, max_minutes=max_minutes, device=device, log=print,
-          checkpoint_every=10**9, extra_inputs=extra)  # fmt: skip
+          checkpoint_every=CHECKPOINT_EVERY, resume=resume, extra_inputs=extra)  # fmt: skip
     return _training_record(json.loads(metadata.read_text())["training"], settings)
 
 
@@ -406,7 +408,8 @@ def main(argv=None) -> int:
     parser.add_argument("--output", default=str(ROOT / "reports" / "quality"))
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--resume", action="store_true",
-                        help="keep the models a cut-off run already trained in --output; score them again")  # fmt: skip
+                        help="a cut-off run: keep the models it trained in --output and score them again; continue "
+                        "a training cut off mid-way from its last checkpoint")  # fmt: skip
     parser.add_argument("--set", action="append", default=[], metavar="BACKEND.OPTION=VALUE",
                         help="train BACKEND with this architecture or training option set (repeatable)")  # fmt: skip
     args = parser.parse_args(argv)

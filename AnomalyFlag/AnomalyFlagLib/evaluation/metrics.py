@@ -509,16 +509,6 @@ def write_report_png(
             axc.set_xlim(x[0] - half, x[-1] + half)
         if row == len(shown) - 1:
             axc.set_xlabel(xlabel)
-    if len(checked) > len(shown):
-        fig.text(
-            0.99,
-            0.005,
-            f"Showing {len(shown)} of {len(checked)} cases",
-            ha="right",
-            va="bottom",
-            fontsize=8.5,
-            color="0.3",
-        )
     if title is None:
         title = "AnomalyFlag evaluation: slices flagged by the anomaly detector vs ground truth"
     handles = [
@@ -527,7 +517,9 @@ def write_report_png(
         Line2D([], [], color="tab:red", marker="v", linestyle="none", label="Flagged slice (score > threshold)"),
         Patch(color="tab:orange", alpha=0.25, label="True anomaly (ground truth)"),
     ]
-    return finish_report_figure(fig, path, title, height, handles if shown else [], dpi, "report PNG")
+    return finish_report_figure(
+        fig, path, title, height, handles if shown else [], dpi, "report PNG", len(shown), len(checked)
+    )
 
 
 def empty_panel(fig, cell, text: str) -> None:
@@ -551,9 +543,14 @@ def new_report_figure(rows: int, row_height: float, hspace: float, dpi: int):
     return fig, grid, fig.add_subplot(grid[:, 0]) if n_rows > 1 else fig.add_subplot(grid[0, 0]), height
 
 
-def finish_report_figure(fig, path: PathLike, title: str, height: float, legend: list, dpi: int, what: str) -> Path:
-    """Title, margins and the legend of the per-slice panels (none when empty) of a report figure, then
-    write it atomically; an OSError becomes an InputError naming `what` and the path."""
+def finish_report_figure(fig, path: PathLike, title: str, height: float, legend: list, dpi: int, what: str,
+                         shown: int = 0, cases: int = 0) -> Path:  # fmt: skip
+    """Title, margins, the legend of the per-slice panels (none when empty) and, when only `shown` of the
+    `cases` have a panel, a line saying so; then write it atomically (an OSError becomes an InputError
+    naming `what` and the path)."""
+    if cases > shown:
+        fig.text(0.99, 0.005, f"Showing {shown} of {cases} cases", ha="right", va="bottom", fontsize=8.5,
+                 color="0.3")  # fmt: skip
     fig.suptitle(title, fontsize=13, y=1.0 - 0.12 / height, va="top")
     fig.subplots_adjust(left=0.06, right=0.98, top=1.0 - 1.25 / height, bottom=0.55 / height + 0.02)
     if legend:

@@ -450,23 +450,15 @@ def write_failure_png(
             axc.set_xlim(-0.5, dice.size - 0.5)
         if row == len(shown) - 1:
             axc.set_xlabel("Slice index (axial, as in the slice table)")
-    if len(checked) > len(shown):
-        fig.text(
-            0.99,
-            0.005,
-            f"Showing {len(shown)} of {len(checked)} cases",
-            ha="right",
-            va="bottom",
-            fontsize=8.5,
-            color="0.3",
-        )
     handles: List[Any] = [
         Line2D([], [], color="tab:green", label="Dice, automatic vs reference"),
         Line2D([], [], color="tab:red", marker="v", linestyle="none", label="Flagged slice"),
         Patch(color="tab:orange", alpha=0.25, label="Failed slice"),
     ]
     title = title or "AnomalyFlag: flags against failures of the automatic segmentation"
-    return finish_report_figure(fig, path, title, height, handles if shown else [], dpi, "failure PNG")
+    return finish_report_figure(
+        fig, path, title, height, handles if shown else [], dpi, "failure PNG", len(shown), len(checked)
+    )
 
 
 SLICES_CSV_COLUMNS = ("case", "index", "score", "flagged", "failed") + SLICE_COLUMNS

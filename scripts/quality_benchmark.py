@@ -74,10 +74,10 @@ def clinic_anomaly(kind: str, rng: np.random.Generator) -> dict:
 
 
 TEST_COUNTS = {"train": 24, "test_normal": 16, "per_kind": 24}
-CHECKPOINT_EVERY = 500  # steps; `--resume` continues a training cut off mid-way from the last one
 """Subjects per set. 24 per anomaly type give 80-700 anomalous slices per type: with the 6 of earlier
 runs (20 hypodense slices) an AUROC moved by 0.07 from one subject draw to the next. Each set's subjects
 come from one seeded stream, so a larger set keeps the smaller one's subjects."""
+CHECKPOINT_EVERY = 500  # steps; `--resume` continues a training cut off mid-way from the last one
 
 
 def make_phantom_sets(folder: Path, smoke: bool) -> dict:

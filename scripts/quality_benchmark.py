@@ -26,10 +26,12 @@ per type, one row per backend) and prints a Markdown table.
     python scripts/quality_benchmark.py --resume            # a run cut off: keep its models, resume
     python scripts/quality_benchmark.py --backends fanogan --no-real-ct         # one backend, phantoms only
     python scripts/quality_benchmark.py --backends progressive-ganomaly --set progressive-ganomaly.patch_stride=8
+    python scripts/quality_benchmark.py --backends restoration --seed 1   # run-to-run spread: another seed
 
-Data and seeds are fixed; with a time budget the number of training steps depends on the machine's
-speed, so quality.json records the steps each run made and `--replay` retrains with exactly those steps
-(bit-identical on the same machine and library versions).
+Data and seeds are fixed (`--seed` changes only the training's: initialisation, batches and which
+training subjects are held out to calibrate); with a time budget the number of training steps depends on
+the machine's speed, so quality.json records the steps each run made and `--replay` retrains with exactly
+those steps (bit-identical on the same machine and library versions).
 """
 
 import argparse
@@ -80,29 +82,47 @@ come from one seeded stream, so a larger set keeps the smaller one's subjects.""
 CHECKPOINT_EVERY = 500  # steps; `--resume` continues a training cut off mid-way from the last one
 
 
-def make_phantom_sets(folder: Path, smoke: bool) -> dict:
-    """Write the phantom sets (once; reused when complete) and return their folders."""
+TUNING_COUNTS = {"test_normal": 8, "per_kind": 12}
+"""Subjects per set of the tuning set: the sets on which scoring choices are made (`score_variants.py
+--tuning`), drawn like the test sets from other seed streams, so that the test sets judge the choice."""
+SEEDS = {"train": 1000, "test_normal": 2000, "per_kind": 3000}
+TUNING_SEEDS = {"test_normal": 9000, "per_kind": 9001}
+"""First seed of each set's stream; anomaly type k draws from `per_kind` + k."""
+
+
+def make_phantom_sets(folder: Path, smoke: bool, tuning: bool = False) -> dict:
+    """Write the phantom sets (once; reused when complete) and return their folders. With `tuning`, the
+    tuning set instead: normal and anomalous test-like sets of other seeds, and no training set."""
     size, slices = (128, 24) if smoke else (256, 48)
     spacing = (1.5 * 256 / size, 1.5 * 256 / size, 5.0 * 48 / slices)
-    counts = {"train": 6, "test_normal": 2, "per_kind": 2} if smoke else TEST_COUNTS
-    sets = {"train": folder / "train", "test_normal": folder / "test_normal"}
+    counts = {"train": 6, "test_normal": 2, "per_kind": 2} if smoke else dict(TEST_COUNTS)
+    seeds = SEEDS
+    if tuning:
+        counts = {"test_normal": 2, "per_kind": 2} if smoke else dict(TUNING_COUNTS)
+        seeds = TUNING_SEEDS
+    sets = {name: folder / name for name in ("train", "test_normal") if name in counts}
     sets.update({kind: folder / f"test_{kind}" for kind in ANOMALY_KINDS})
     done = folder / "complete.json"
-    if done.is_file() and all(json.loads(done.read_text()).get(k) == v for k, v in counts.items()):
-        return sets
+    if done.is_file():
+        kept = json.loads(done.read_text())  # sets written before seeds were recorded used SEEDS
+        if all(kept.get(k) == v for k, v in counts.items()) and kept.get("seeds", SEEDS) == seeds:
+            return sets
     if folder.exists():
         shutil.rmtree(folder)
-    for name, count, seed in (("train", counts["train"], 1000), ("test_normal", counts["test_normal"], 2000)):
-        rng = np.random.default_rng(seed)
-        for i in range(count):
-            make_phantom(slices, size, spacing, seed=int(rng.integers(2**31))).save(sets[name], f"{name}_{i:03d}")
+    for name in ("train", "test_normal"):
+        if name in counts:
+            rng = np.random.default_rng(seeds[name])
+            for i in range(counts[name]):
+                phantom = make_phantom(slices, size, spacing, seed=int(rng.integers(2**31)))
+                phantom.save(sets[name], f"{name}_{i:03d}")
     for k, kind in enumerate(ANOMALY_KINDS):
-        rng = np.random.default_rng(3000 + k)
+        rng = np.random.default_rng(seeds["per_kind"] + k)
         for i in range(counts["per_kind"]):
             spec = clinic_anomaly(kind, rng)
             phantom = make_phantom(slices, size, spacing, seed=int(rng.integers(2**31)), anomalies=[spec])
             phantom.save(sets[kind], f"{KIND_LABELS[kind]}_{i:03d}")
-    write_json_atomic(done, {"size": size, "slices": slices, "spacing": spacing, **counts}, indent=None)
+    record = {"size": size, "slices": slices, "spacing": spacing, **counts, "seeds": seeds}
+    write_json_atomic(done, record, indent=None)
     return sets
 
 
@@ -196,11 +216,12 @@ def train_backend(
     settings: dict,
     extra=None,
     resume=False,
+    seed: int = 0,
 ) -> dict:
     """Train one backend within the budget (or with the replayed step counts) with its default architecture
-    and options but for `settings` ({field: value}); returns its training record. With `resume`, a bundle
-    already at `out` (a run that was cut off after training it) is kept, and a training cut off mid-way
-    continues from its checkpoint."""
+    and options but for `settings` ({field: value}) and training `seed`; returns its training record. With
+    `resume`, a bundle already at `out` (a run that was cut off after training it) is kept, and a training
+    cut off mid-way continues from its checkpoint."""
     from AnomalyFlagLib.training import train
 
     cls = backend_class(backend)
@@ -221,20 +242,21 @@ def train_backend(
     if resume and metadata.exists():
         kept = json.loads(metadata.read_text())
         steps = {stage.steps_option for stage in cls.stages(options) if stage.steps_option}
-        _check_kept(kept, out, backend, architecture, options, steps if max_minutes is not None else set())
+        _check_kept(kept, out, backend, architecture, options, steps if max_minutes is not None else set(), seed)
         print(f"{out}: trained already (--resume), scoring it again")
         return _training_record(kept["training"], settings)
-    train(data, out, backend, architecture, options, max_minutes=max_minutes, device=device, log=print,
+    train(data, out, backend, architecture, options, seed=seed, max_minutes=max_minutes, device=device, log=print,
           checkpoint_every=CHECKPOINT_EVERY, resume=resume, extra_inputs=extra)  # fmt: skip
     return _training_record(json.loads(metadata.read_text())["training"], settings)
 
 
-def _check_kept(kept: dict, out: Path, backend: str, architecture, options, budgeted: set) -> None:
-    """Refuse (SystemExit) a kept bundle whose backend, architecture or options differ from this run's;
+def _check_kept(kept: dict, out: Path, backend: str, architecture, options, budgeted: set, seed: int = 0) -> None:
+    """Refuse (SystemExit) a kept bundle whose backend, architecture, options or seed differ from this run's;
     step counts are not compared where the run is time-budgeted (`budgeted` names them)."""
     if kept.get("backend") != backend or not isinstance(kept.get(backend), dict):
         raise SystemExit(f"--resume: {out} holds a '{kept.get('backend')}' model, not '{backend}'; delete it.")
-    differ = []
+    kept_seed = kept.get("training", {}).get("seed", 0)
+    differ = [] if kept_seed == seed else [f"seed: kept {kept_seed!r}, asked {seed!r}"]
     for block, wanted in (("architecture", architecture), ("training_options", options)):
         stored = config_from_dict(type(wanted), kept[backend].get(block, {}), f"{out}: {backend}.{block}")
         differ += [f"{name}: kept {getattr(stored, name)!r}, asked {value!r}" for name, value in vars(wanted).items()
@@ -248,7 +270,8 @@ def _check_kept(kept: dict, out: Path, backend: str, architecture, options, budg
 def _training_record(training: dict, settings: dict) -> dict:
     return {"steps": training["steps"], "seconds": training["duration_s"],
             "calibration_slices": training["calibration_slices"], "settings": settings,
-            "extra_inputs": training.get("extra_inputs", {}), "precision": training.get("precision"),
+            "seed": training.get("seed", 0), "extra_inputs": training.get("extra_inputs", {}),
+            "precision": training.get("precision"),
             "threads": torch.get_num_threads()}  # fmt: skip
 
 
@@ -410,6 +433,8 @@ def main(argv=None) -> int:
     parser.add_argument("--resume", action="store_true",
                         help="a cut-off run: keep the models it trained in --output and score them again; continue "
                         "a training cut off mid-way from its last checkpoint")  # fmt: skip
+    parser.add_argument("--seed", type=int, default=0,
+                        help="training seed: initialisation, batches, which training subjects calibrate")  # fmt: skip
     parser.add_argument("--set", action="append", default=[], metavar="BACKEND.OPTION=VALUE",
                         help="train BACKEND with this architecture or training option set (repeatable)")  # fmt: skip
     args = parser.parse_args(argv)
@@ -441,7 +466,7 @@ def main(argv=None) -> int:
             model = out / "models" / f"phantom_{backend}"
             res["training_phantoms"] = train_backend(
                 backend, sets["train"], model, minutes, steps["phantoms"], args.device, settings.get(backend, {}),
-                {name: extra[name] for name in needs}, resume=args.resume,
+                {name: extra[name] for name in needs}, resume=args.resume, seed=args.seed,
             )  # fmt: skip
             res["phantoms"] = evaluate_phantoms(model, sets, args.device)
         if real and needs:  # the only other real scan is the test patient
@@ -450,7 +475,7 @@ def main(argv=None) -> int:
             model = out / "models" / f"lung1_{backend}"
             res["training_real_ct"] = train_backend(
                 backend, real["train"], model, minutes, steps["real_ct"], args.device, settings.get(backend, {}),
-                resume=args.resume,
+                resume=args.resume, seed=args.seed,
             )  # fmt: skip
             res["real_ct"] = evaluate_real_ct(model, real, args.device)
         write_json_atomic(out / "quality.json", {"minutes": minutes, "smoke": args.smoke, "results": results}, indent=1)

@@ -8,7 +8,10 @@ false-flag rate on the normal test subjects, per setting. An experiment tool (do
 nothing here looks at the test sets to choose anything.
 
     python scripts/score_variants.py --model reports/quality/models/phantom_restoration \\
-        --set score_area_mm2=25,50,100 --set neighbour_slices=1,2
+        --set score_area_mm2=25,50,100 --set neighbour_slices=1,2 --tuning
+
+With --tuning the unseen subjects are the tuning set (`quality_benchmark.TUNING_COUNTS`, written once
+into data/quality/full/tuning): choose settings there, then confirm the choice once on the test sets.
 """
 
 import argparse
@@ -32,7 +35,9 @@ from AnomalyFlagLib.maps import neighbour_max  # noqa: E402
 from AnomalyFlagLib.phantom import ANOMALY_KINDS  # noqa: E402
 from AnomalyFlagLib.training import calibrate_from_maps, raw_maps  # noqa: E402
 from AnomalyFlagLib.training_slices import load_slices  # noqa: E402
-from quality_benchmark import KIND_LABELS, _auc  # noqa: E402
+from quality_benchmark import KIND_LABELS, _auc, make_phantom_sets  # noqa: E402
+
+PHANTOMS = ROOT / "data" / "quality" / "full" / "phantoms"
 
 
 def _set_cases(folder: Path, names=None):
@@ -64,14 +69,15 @@ def extra_held_out(model: Path, folder: Path, cache: dict, count: int) -> dict:
     return {**cache, "held_out": merged}
 
 
-def build_cache(model: Path, data: Path, cache: Path) -> dict:
+def build_cache(model: Path, data: Path, train: Path, cache: Path) -> dict:
     """Raw maps, body masks, positions, case and slice indices and slice labels of the held-out normal
-    subjects (the model's own), the normal test subjects and each anomaly type's test subjects."""
+    subjects (the model's own, in `train`), the normal test subjects and each anomaly type's test subjects
+    (in `data`)."""
     if cache.is_file():
         return torch.load(cache, weights_only=False)
     bundle = load_bundle(model)
     held_out = bundle.metadata["training"]["calibration_cases"]
-    sets = {"held_out": _set_cases(data / "train", set(held_out)), "test_normal": _set_cases(data / "test_normal")}
+    sets = {"held_out": _set_cases(train, set(held_out)), "test_normal": _set_cases(data / "test_normal")}
     sets.update({kind: _set_cases(data / f"test_{kind}") for kind in ANOMALY_KINDS})
     out = {}
     for name, cases in sets.items():
@@ -173,7 +179,9 @@ def combined(base, cache: dict, settings: list, rate: float) -> dict:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", required=True)
-    parser.add_argument("--data", default=str(ROOT / "data" / "quality" / "full" / "phantoms"))
+    parser.add_argument("--data", default=str(PHANTOMS), help="the unseen subjects' sets (default: the test sets)")
+    parser.add_argument("--tuning", action="store_true", help="the tuning set's subjects instead (made once)")
+    parser.add_argument("--train", default=str(PHANTOMS / "train"), help="the model's training subjects")
     parser.add_argument("--cache", help="where to keep the raw maps (default: beside the model)")
     parser.add_argument("--set", action="append", default=[], metavar="FIELD=V1,V2",
                         help="a ScoreConfig field, or weight.COMPONENT, and the values to try")  # fmt: skip
@@ -185,7 +193,12 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     torch.set_grad_enabled(False)
     model = Path(args.model)
-    cache = build_cache(model, Path(args.data), Path(args.cache or model.with_name(model.name + "_maps.pt")))
+    data = Path(args.data)
+    if args.tuning:
+        data = ROOT / "data" / "quality" / "full" / "tuning"
+        make_phantom_sets(data, smoke=False, tuning=True)
+    default_cache = model.with_name(model.name + ("_tuning_maps.pt" if args.tuning else "_maps.pt"))
+    cache = build_cache(model, data, Path(args.train), Path(args.cache or default_cache))
     if args.more_held_out:
         cache = extra_held_out(model, Path(args.extra_normals), cache, args.more_held_out)
     base = load_bundle(model)

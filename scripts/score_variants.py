@@ -10,12 +10,16 @@ nothing here looks at the test sets to choose anything.
     python scripts/score_variants.py --model reports/quality/models/phantom_restoration \\
         --set score_area_mm2=25,50,100 --set neighbour_slices=1,2 --tuning
 
+With --add-components OTHER_MODEL (same preprocessing and held-out subjects) the other model's maps join
+as further components, weighted by `--set weight.NAME=...`: what a second detector would add.
+
 With --tuning the unseen subjects are the tuning set (`quality_benchmark.TUNING_COUNTS`, written once
 into data/quality/full/tuning): choose settings there, then confirm the choice once on the test sets.
 """
 
 import argparse
 import copy
+import dataclasses
 import itertools
 import sys
 from pathlib import Path
@@ -67,6 +71,32 @@ def extra_held_out(model: Path, folder: Path, cache: dict, count: int) -> dict:
     merged = {"slices": slices, "raw": raw, "body": torch.cat([held["body"], extra["body"][keep]]),
               "cases": held["cases"] + count}  # fmt: skip
     return {**cache, "held_out": merged}
+
+
+def add_components(base, cache: dict, other: Path, other_cache: dict):
+    """The bundle and cache with another model's component maps added as further components of weight 0
+    (set one with `--set weight.NAME=...`): what a second detector's maps would add to the anomaly map.
+    Both models must share the preprocessing and the held-out subjects."""
+    second = load_bundle(other)
+    for key in ("preprocessing", "orientation"):
+        if second.metadata.get(key) != base.metadata.get(key):
+            raise SystemExit(f"--add-components: {other} was made with other {key} than the model")
+    if second.metadata["training"]["calibration_cases"] != base.metadata["training"]["calibration_cases"]:
+        raise SystemExit(f"--add-components: {other} held out other subjects than the model (train a seed alike)")
+    clash = {c.name for c in second.components} & {c.name for c in base.components}
+    if clash:
+        raise SystemExit(f"--add-components: both models have the component(s) {', '.join(sorted(clash))}")
+    merged = {}
+    for key, part in cache.items():
+        if not torch.equal(part["body"], other_cache[key]["body"]):
+            raise SystemExit(f"--add-components: the two caches differ in the slices of '{key}'")
+        merged[key] = {**part, "raw": {**part["raw"], **other_cache[key]["raw"]}}
+    bundle = copy.copy(base)
+    bundle.backend = copy.copy(base.backend)
+    bundle.backend.components = tuple(base.components) + tuple(
+        dataclasses.replace(c, weight=0.0) for c in second.components
+    )
+    return bundle, merged
 
 
 def build_cache(model: Path, data: Path, train: Path, cache: Path) -> dict:
@@ -187,6 +217,8 @@ def main(argv=None) -> int:
                         help="a ScoreConfig field, or weight.COMPONENT, and the values to try")  # fmt: skip
     parser.add_argument("--combine", action="store_true",
                         help="also: the largest of the settings' normalised scores as one slice score")  # fmt: skip
+    parser.add_argument("--add-components", metavar="MODEL",
+                        help="another model's component maps as further components (weight 0 unless set)")  # fmt: skip
     parser.add_argument("--more-held-out", type=int, default=0, metavar="N",
                         help="calibrate on N more normal subjects of --extra-normals as well")  # fmt: skip
     parser.add_argument("--extra-normals", default=str(ROOT / "data" / "quality" / "extra_normals"))
@@ -197,11 +229,17 @@ def main(argv=None) -> int:
     if args.tuning:
         data = ROOT / "data" / "quality" / "full" / "tuning"
         make_phantom_sets(data, smoke=False, tuning=True)
-    default_cache = model.with_name(model.name + ("_tuning_maps.pt" if args.tuning else "_maps.pt"))
-    cache = build_cache(model, data, Path(args.train), Path(args.cache or default_cache))
+    suffix = "_tuning_maps.pt" if args.tuning else "_maps.pt"
+    cache = build_cache(model, data, Path(args.train), Path(args.cache or model.with_name(model.name + suffix)))
+    if args.more_held_out and args.add_components:
+        parser.error("--more-held-out and --add-components do not combine")
     if args.more_held_out:
         cache = extra_held_out(model, Path(args.extra_normals), cache, args.more_held_out)
     base = load_bundle(model)
+    if args.add_components:
+        other = Path(args.add_components)
+        other_cache = build_cache(other, data, Path(args.train), other.with_name(other.name + suffix))
+        base, cache = add_components(base, cache, other, other_cache)
     grid = []
     for item in args.set:
         key, values = item.split("=", 1)

@@ -223,6 +223,8 @@ def main(argv=None) -> int:
                         help="calibrate on N more normal subjects of --extra-normals as well")  # fmt: skip
     parser.add_argument("--extra-normals", default=str(ROOT / "data" / "quality" / "extra_normals"))
     args = parser.parse_args(argv)
+    if args.more_held_out and args.add_components:
+        parser.error("--more-held-out and --add-components do not combine")
     torch.set_grad_enabled(False)
     model = Path(args.model)
     data = Path(args.data)
@@ -231,8 +233,6 @@ def main(argv=None) -> int:
         make_phantom_sets(data, smoke=False, tuning=True)
     suffix = "_tuning_maps.pt" if args.tuning else "_maps.pt"
     cache = build_cache(model, data, Path(args.train), Path(args.cache or model.with_name(model.name + suffix)))
-    if args.more_held_out and args.add_components:
-        parser.error("--more-held-out and --add-components do not combine")
     if args.more_held_out:
         cache = extra_held_out(model, Path(args.extra_normals), cache, args.more_held_out)
     base = load_bundle(model)

@@ -95,10 +95,10 @@ def make_phantom_sets(folder: Path, smoke: bool, tuning: bool = False) -> dict:
     tuning set instead: normal and anomalous test-like sets of other seeds, and no training set."""
     size, slices = (128, 24) if smoke else (256, 48)
     spacing = (1.5 * 256 / size, 1.5 * 256 / size, 5.0 * 48 / slices)
-    counts = {"train": 6, "test_normal": 2, "per_kind": 2} if smoke else dict(TEST_COUNTS)
+    counts = {"train": 6, "test_normal": 2, "per_kind": 2} if smoke else TEST_COUNTS
     seeds = SEEDS
     if tuning:
-        counts = {"test_normal": 2, "per_kind": 2} if smoke else dict(TUNING_COUNTS)
+        counts = {"test_normal": 2, "per_kind": 2} if smoke else TUNING_COUNTS
         seeds = TUNING_SEEDS
     sets = {name: folder / name for name in ("train", "test_normal") if name in counts}
     sets.update({kind: folder / f"test_{kind}" for kind in ANOMALY_KINDS})

@@ -209,8 +209,9 @@ def combined(base, cache: dict, settings: list, rate: float) -> dict:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", required=True)
-    parser.add_argument("--data", default=str(PHANTOMS), help="the unseen subjects' sets (default: the test sets)")
-    parser.add_argument("--tuning", action="store_true", help="the tuning set's subjects instead (made once)")
+    unseen = parser.add_mutually_exclusive_group()
+    unseen.add_argument("--data", default=str(PHANTOMS), help="the unseen subjects' sets (default: the test sets)")
+    unseen.add_argument("--tuning", action="store_true", help="the tuning set's subjects instead (made once)")
     parser.add_argument("--train", default=str(PHANTOMS / "train"), help="the model's training subjects")
     parser.add_argument("--cache", help="where to keep the raw maps (default: beside the model)")
     parser.add_argument("--set", action="append", default=[], metavar="FIELD=V1,V2",

@@ -117,6 +117,14 @@ def test_a_bundle_from_before_calibration_bins_loads_with_one_bin(bundle_dir, ba
     assert bundle.scoring.calibration_bins == 1 and bundle.scoring.position_bins == meta["scoring"]["position_bins"]
 
 
+def test_a_bundle_from_before_relative_flags_keeps_its_absolute_threshold(bundle_dir, base_meta):
+    assert base_meta["scoring"]["relative_to_scan"] is True  # what training writes now
+    meta = copy.deepcopy(base_meta)
+    del meta["scoring"]["relative_to_scan"]  # its threshold was calibrated on scores not relative to the scan
+    _write(bundle_dir, meta)
+    assert load_bundle(bundle_dir).scoring.relative_to_scan is False
+
+
 def test_a_newer_format_asks_to_upgrade(bundle_dir, base_meta):
     meta = dict(base_meta, format_version=base_meta["format_version"] + 1)
     _write(bundle_dir, meta)

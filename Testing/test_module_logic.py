@@ -193,6 +193,8 @@ def test_the_panel_texts_about_inputs_and_results(module_on_mrml, mrml_scene, tm
         assert logic.checkInputs(volume, "") == (None, f"Demo model: {demo}")
     result.timings["total"] = 1.5
     assert resultSummary(result) == "Done: 2 of 12 slices flagged (1.5 s)."
+    result.scan_level = 1.234
+    assert "relative to this scan, which scores 1.23 above normal scans throughout." in resultSummary(result)
     result.warnings.append("body much smaller")
     assert resultSummary(result).endswith("training data: body much smaller.")
 

@@ -129,6 +129,26 @@ def test_scores_do_not_depend_on_other_cases_or_batch_size(tiny_model, case_imag
     np.testing.assert_allclose(a.slices["score"], b.slices["score"], rtol=1e-4, atol=1e-6)
 
 
+def test_a_scan_scoring_high_throughout_is_flagged_where_it_stands_out(tiny_model, case_image):
+    def scorer(relative):  # a model that this scan looks unusual to on every slice (3 MADs higher)
+        scorer = Scorer(tiny_model, device="cpu")
+        cal = scorer.bundle.calibration
+        cal.medians = [m - 3.0 * s for m, s in zip(cal.medians, cal.scales)]
+        scorer.bundle.scoring.relative_to_scan = relative
+        return scorer
+
+    relative, absolute = scorer(True).score(case_image), scorer(False).score(case_image)
+    level = float(np.median(absolute.slices["normalised"]))
+    assert level > relative.threshold  # more than half the slices would be flagged
+    assert relative.scan_level == pytest.approx(level) and absolute.scan_level == 0.0
+    np.testing.assert_allclose(relative.slices["normalised"], absolute.slices["normalised"] - level)
+    assert len(relative.flagged_indices) <= len(relative.slices) // 2 < len(absolute.flagged_indices)
+    assert set(relative.flagged_indices) <= set(absolute.flagged_indices)
+    assert relative.warnings == absolute.warnings  # the scan is still reported as unlike the training data
+    assert relative.summary()["scan_level"] == pytest.approx(level)
+    assert f"which scores {level:.2f} above normal scans" in relative.level_text() and absolute.level_text() == ""
+
+
 def test_roi_restricts_flags_and_heatmap(scorer, case_image):
     array = sitk.GetArrayFromImage(case_image)
     roi = np.zeros(array.shape, dtype=np.uint8)

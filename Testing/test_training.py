@@ -1,6 +1,7 @@
 """Training: repeatable, resumable after cancel, masks exclude slices, datalists; calibration maths."""
 
 import json
+import shutil
 import time
 
 import numpy as np
@@ -8,11 +9,11 @@ import pytest
 import SimpleITK as sitk
 import torch
 from AnomalyFlagLib.bundle import load_bundle
-from AnomalyFlagLib.calibration import calibrate
+from AnomalyFlagLib.calibration import MIN_SLICES_FOR_SCAN_LEVEL, calibrate, scan_level
 from AnomalyFlagLib.errors import CancelledError, InputError
 from AnomalyFlagLib.io.cases import discover_cases
 from AnomalyFlagLib.phantom import make_phantom
-from AnomalyFlagLib.training import recalibrate, train
+from AnomalyFlagLib.training import recalibrate, recalibrate_held_out, train
 from AnomalyFlagLib.training_slices import load_slices
 from conftest import tiny_configs
 
@@ -165,6 +166,28 @@ def test_recalibration_on_new_normal_data(tiny_model, phantom_normal_dir, tmp_pa
     assert _weights(out).keys() == _weights(tiny_model).keys()
 
 
+def test_recalibration_on_its_held_out_slices_brings_an_older_bundle_to_this_flag_rule(
+    tiny_model, phantom_normal_dir, phantom_anomalous_dir, tmp_path
+):
+    older = tmp_path / "older"
+    shutil.copytree(tiny_model, older)
+    meta = json.loads((older / "metadata.json").read_text())
+    del meta["scoring"]["relative_to_scan"]  # made before flags were relative to the scan
+    (older / "metadata.json").write_text(json.dumps(meta))
+    assert load_bundle(older).scoring.relative_to_scan is False
+    quiet = {"device": "cpu", "log": lambda s: None}
+    with pytest.raises(InputError, match="not the training input"):
+        recalibrate_held_out(older, phantom_anomalous_dir, **quiet)
+    with pytest.raises(InputError, match="other held-out slices"):
+        recalibrate_held_out(older, phantom_normal_dir, validation_fraction=0.6, **quiet)
+    assert json.loads((older / "metadata.json").read_text()) == meta  # a refusal changes nothing
+    recalibrate_held_out(older, phantom_normal_dir, **quiet)
+    again, trained = load_bundle(older), load_bundle(tiny_model)
+    assert again.scoring.relative_to_scan is True
+    assert again.calibration == trained.calibration  # the slices and the rule that training calibrated with
+    assert again.metadata["training"]["recalibrated_on"]["held_out_of_training"] is True
+
+
 def test_calibration_flags_the_target_share_of_fresh_normal_slices():
     rng = np.random.default_rng(0)
     positions = rng.uniform(0, 1, 4000)
@@ -180,6 +203,37 @@ def test_calibration_flags_the_target_share_of_fresh_normal_slices():
     assert cal.pixel_threshold == pytest.approx(np.quantile(residuals, 0.995), rel=1e-6)
     # A score far from normal is far above the threshold, whatever the rest of a test set holds.
     assert cal.normalise(np.array([3.0]), np.array([0.5]))[0] > 5 * cal.threshold
+
+
+def test_scan_level_ignores_a_finding_under_half_the_scan_and_short_scans():
+    normal = np.linspace(-1.5, 1.5, 48)
+    assert scan_level(normal) == pytest.approx(0.0, abs=1e-9)
+    assert scan_level(normal - 0.7) == 0.0  # a scan scoring low stays as it is
+    assert scan_level(normal + 2.0) == pytest.approx(2.0)
+    focal = normal.copy()
+    focal[-20:] += 10.0  # a finding on 20 of 48 slices
+    assert scan_level(focal) < 0.3
+    short = np.full(MIN_SLICES_FOR_SCAN_LEVEL - 1, 4.0)
+    assert scan_level(short) == 0.0 and scan_level(np.r_[short, 4.0, np.nan]) == 4.0
+
+
+def test_calibration_relative_to_the_scan_is_not_set_by_one_subject_scoring_high_throughout():
+    rng = np.random.default_rng(1)
+    cases = np.repeat(np.arange(5), 48)  # 5 held-out subjects, as the quality benchmark holds out
+    offsets = np.array([0.0, 0.0, 0.0, 0.0, 3.0])  # one of them scores high on every slice
+    scores = offsets[cases] + rng.normal(0, 0.5, cases.size)
+    positions = np.tile(np.linspace(0, 1, 48), 5)
+    fresh = rng.normal(0, 0.5, (40, 48))  # new normal subjects
+    fresh_positions = np.linspace(0, 1, 48)
+    rates = {}
+    for relative in (False, True):
+        cal = calibrate(scores, positions, np.ones(100), num_cases=5, position_bins=1,
+                        case_index=cases if relative else None)  # fmt: skip
+        normalised = [cal.normalise(f, fresh_positions) - (scan_level(cal.normalise(f, fresh_positions)) if relative
+                      else 0.0) for f in fresh]  # fmt: skip
+        rates[relative] = float(np.mean(np.array(normalised) > cal.threshold))
+    assert rates[False] < 0.01  # the high subject holds the held-out top 5%: nothing is flagged
+    assert 0.03 < rates[True] < 0.08
 
 
 def test_calibration_refuses_too_little_or_broken_data():

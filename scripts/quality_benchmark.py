@@ -24,6 +24,7 @@ per type, one row per backend) and prints a Markdown table.
     python scripts/quality_benchmark.py --smoke             # a few minutes in all: small data, 1 minute each
     python scripts/quality_benchmark.py --replay reports/quality/quality.json   # the same steps again
     python scripts/quality_benchmark.py --resume            # a run cut off: keep its models, resume
+    python scripts/quality_benchmark.py --resume --recalibrate   # kept models, calibrated again, scored again
     python scripts/quality_benchmark.py --backends fanogan --no-real-ct         # one backend, phantoms only
     python scripts/quality_benchmark.py --backends progressive-ganomaly --set progressive-ganomaly.patch_stride=8
     python scripts/quality_benchmark.py --backends restoration --seed 1   # run-to-run spread: another seed
@@ -217,12 +218,14 @@ def train_backend(
     extra=None,
     resume=False,
     seed: int = 0,
+    recalibrate=False,
 ) -> dict:
     """Train one backend within the budget (or with the replayed step counts) with its default architecture
     and options but for `settings` ({field: value}) and training `seed`; returns its training record. With
     `resume`, a bundle already at `out` (a run that was cut off after training it) is kept, and a training
-    cut off mid-way continues from its checkpoint."""
-    from AnomalyFlagLib.training import train
+    cut off mid-way continues from its checkpoint; with `recalibrate` too, a kept bundle is calibrated again
+    on its own held-out subjects (`training.recalibrate_held_out`)."""
+    from AnomalyFlagLib.training import recalibrate_held_out, train
 
     cls = backend_class(backend)
     architecture, options = cls.Architecture(), cls.Options()
@@ -244,6 +247,9 @@ def train_backend(
         steps = {stage.steps_option for stage in cls.stages(options) if stage.steps_option}
         _check_kept(kept, out, backend, architecture, options, steps if max_minutes is not None else set(), seed)
         print(f"{out}: trained already (--resume), scoring it again")
+        if recalibrate:
+            recalibrate_held_out(out, data, device=device)
+            print(f"{out}: calibrated again on its held-out subjects with this version's flag rule")
         return _training_record(kept["training"], settings)
     train(data, out, backend, architecture, options, seed=seed, max_minutes=max_minutes, device=device, log=print,
           checkpoint_every=CHECKPOINT_EVERY, resume=resume, extra_inputs=extra)  # fmt: skip
@@ -433,11 +439,16 @@ def main(argv=None) -> int:
     parser.add_argument("--resume", action="store_true",
                         help="a cut-off run: keep the models it trained in --output and score them again; continue "
                         "a training cut off mid-way from its last checkpoint")  # fmt: skip
+    parser.add_argument("--recalibrate", action="store_true",
+                        help="with --resume: calibrate the kept models again on their held-out subjects with "
+                        "this version's flag rule before scoring them (no retraining)")  # fmt: skip
     parser.add_argument("--seed", type=int, default=0,
                         help="training seed: initialisation, batches, which training subjects calibrate")  # fmt: skip
     parser.add_argument("--set", action="append", default=[], metavar="BACKEND.OPTION=VALUE",
                         help="train BACKEND with this architecture or training option set (repeatable)")  # fmt: skip
     args = parser.parse_args(argv)
+    if args.recalibrate and not args.resume:
+        parser.error("--recalibrate calibrates the models that --resume keeps: give both")
     settings = {}
     for item in args.set:
         key, _, value = item.partition("=")
@@ -466,7 +477,7 @@ def main(argv=None) -> int:
             model = out / "models" / f"phantom_{backend}"
             res["training_phantoms"] = train_backend(
                 backend, sets["train"], model, minutes, steps["phantoms"], args.device, settings.get(backend, {}),
-                {name: extra[name] for name in needs}, resume=args.resume, seed=args.seed,
+                {name: extra[name] for name in needs}, resume=args.resume, seed=args.seed, recalibrate=args.recalibrate,
             )  # fmt: skip
             res["phantoms"] = evaluate_phantoms(model, sets, args.device)
         if real and needs:  # the only other real scan is the test patient
@@ -475,7 +486,7 @@ def main(argv=None) -> int:
             model = out / "models" / f"lung1_{backend}"
             res["training_real_ct"] = train_backend(
                 backend, real["train"], model, minutes, steps["real_ct"], args.device, settings.get(backend, {}),
-                resume=args.resume, seed=args.seed,
+                resume=args.resume, seed=args.seed, recalibrate=args.recalibrate,
             )  # fmt: skip
             res["real_ct"] = evaluate_real_ct(model, real, args.device)
         write_json_atomic(out / "quality.json", {"minutes": minutes, "smoke": args.smoke, "results": results}, indent=1)

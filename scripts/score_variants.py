@@ -33,7 +33,7 @@ sys.path.insert(0, str(ROOT / "AnomalyFlag"))
 sys.path.insert(0, str(ROOT / "scripts"))
 
 from AnomalyFlagLib.bundle import load_bundle  # noqa: E402
-from AnomalyFlagLib.calibration import calibrate  # noqa: E402
+from AnomalyFlagLib.calibration import calibrate, scan_levels  # noqa: E402
 from AnomalyFlagLib.io.cases import discover_cases  # noqa: E402
 from AnomalyFlagLib.maps import neighbour_max  # noqa: E402
 from AnomalyFlagLib.phantom import ANOMALY_KINDS  # noqa: E402
@@ -139,18 +139,22 @@ def slice_scores(bundle, part: dict) -> np.ndarray:
         scores[k0:k1] = scorer(maps, slices.positions[k0:k1], body[k0:k1]).score.float().numpy()
     context, _ = neighbour_max(scores, slices.case_index.numpy(), slices.slice_index.numpy(),
                                bundle.scoring.neighbour_slices)  # fmt: skip
-    return bundle.calibration.normalise(context, slices.positions.numpy())
+    normalised = bundle.calibration.normalise(context, slices.positions.numpy())
+    if bundle.scoring.relative_to_scan:
+        normalised = normalised - scan_levels(normalised, slices.case_index.numpy())
+    return normalised
 
 
 def calibrated(base, cache: dict, scoring: dict, weights: dict):
     """A copy of the bundle with `scoring` and component `weights` changed, calibrated on the held-out
-    subjects, and the held-out slices' cross-fitted normalised scores that calibration saw."""
+    subjects, and the held-out slices' cross-fitted normalised scores that calibration saw (relative to
+    their scan where the scoring says so)."""
     import AnomalyFlagLib.training as training
 
     seen = []
 
     def capture(scores, positions, *args, **kwargs):
-        seen.append((np.asarray(scores, dtype=float), np.asarray(positions, dtype=float)))
+        seen.append((np.asarray(scores, dtype=float), np.asarray(positions, dtype=float), kwargs.get("case_index")))
         return calibrate(scores, positions, *args, **kwargs)
 
     bundle = copy.copy(base)
@@ -169,8 +173,9 @@ def calibrated(base, cache: dict, scoring: dict, weights: dict):
                             log=lambda s: None)  # fmt: skip
     finally:
         training.calibrate = calibrate
-    scores, positions = seen[0]
-    return bundle, bundle.calibration.normalise(scores, positions)
+    scores, positions, cases = seen[0]
+    own = bundle.calibration.normalise(scores, positions)
+    return bundle, own if cases is None else own - scan_levels(own, cases)
 
 
 def test_scores(bundle, cache: dict) -> dict:

@@ -2,8 +2,9 @@
 
 normalised = (score - median_bin) / (1.4826 * MAD_bin), bins over the relative slice position;
 the slice threshold is the normalised-score quantile that flags `target_false_flag_rate` of normal
-slices, and the pixel threshold the anomaly-map quantile that marks `pixel_false_positive_rate` of
-normal body pixels. Nothing here ever looks at anomalous data or rescales by a test set's range.
+slices (relative to each scan's level where asked, see `scan_level`), and the pixel threshold the
+anomaly-map quantile that marks `pixel_false_positive_rate` of normal body pixels. Nothing here ever
+looks at anomalous data or rescales by a test set's range.
 """
 
 from dataclasses import asdict, dataclass
@@ -17,6 +18,7 @@ from .errors import InputError
 MIN_SLICES = 10
 MIN_SLICES_PER_BIN = 20
 MAD_TO_SIGMA = 1.4826
+MIN_SLICES_FOR_SCAN_LEVEL = 16
 MAX_MAGNITUDE = 1e9
 """Largest magnitude of a calibrated score statistic or threshold (any larger is not from a calibration)."""
 
@@ -117,6 +119,32 @@ def robust(values: np.ndarray):
     return median, scale
 
 
+def scan_level(normalised: np.ndarray) -> float:
+    """How much higher than normal slices a scan scores throughout: the median of its slices' normalised
+    scores where that is positive and the scan has at least MIN_SLICES_FOR_SCAN_LEVEL of them, else 0.
+
+    Subtracted before thresholding (`ScoreConfig.relative_to_scan`), it flags the slices that stand out of
+    their own scan. Without it, a normal subject that scores high on every slice, one of the few held out
+    to calibrate or a new patient, decides the threshold or fills the flag list (see
+    docs/detector-experiments.md, section 16); the median ignores a finding that spans under half the scan.
+    """
+    values = np.asarray(normalised, dtype=float)
+    values = values[np.isfinite(values)]
+    if values.size < MIN_SLICES_FOR_SCAN_LEVEL:
+        return 0.0
+    return max(0.0, float(np.median(values)))
+
+
+def scan_levels(normalised: np.ndarray, case_index: np.ndarray) -> np.ndarray:
+    """Each slice's `scan_level`, of the slices of its case."""
+    normalised, case_index = np.asarray(normalised, dtype=float), np.asarray(case_index)
+    levels = np.zeros(normalised.shape)
+    for case in np.unique(case_index):
+        mine = case_index == case
+        levels[mine] = scan_level(normalised[mine])
+    return levels
+
+
 def calibrate(
     scores: np.ndarray,
     positions: np.ndarray,
@@ -125,8 +153,10 @@ def calibrate(
     position_bins: int = 5,
     target_false_flag_rate: float = 0.05,
     pixel_false_positive_rate: float = 0.005,
+    case_index: Optional[np.ndarray] = None,
 ) -> Calibration:
-    """Calibrate from normal slices' scores, positions and a sample of their anomaly-map body pixels."""
+    """Calibrate from normal slices' scores, positions and a sample of their anomaly-map body pixels. With
+    each slice's `case_index`, the threshold is set on scores relative to their scan (`scan_level`)."""
     scores = np.asarray(scores, dtype=float)
     positions = np.asarray(positions, dtype=float)
     if scores.size < MIN_SLICES:
@@ -164,6 +194,8 @@ def calibrate(
         observed_false_flag_rate=0.0,
     )
     normalised = cal.normalise(scores, positions)
+    if case_index is not None:
+        normalised = normalised - scan_levels(normalised, case_index)
     cal.threshold = float(np.quantile(normalised, 1.0 - target_false_flag_rate, method="higher"))
     cal.observed_false_flag_rate = float(np.mean(normalised > cal.threshold))
     pixels = np.asarray(pixel_values, dtype=float)

@@ -327,6 +327,8 @@ def _score_cases(a, cases, out_dir, progress_label="score"):
             print(f"{case.name}: {len(flagged)} of {len(result.slices)} slices flagged"
                   f"{': ' + ', '.join(map(str, flagged)) if flagged else ''}"
                   f" ({result.timings['total']:.1f} s on {result.device})")  # fmt: skip
+            if result.scan_level > 0:
+                print(f"{case.name}: {result.level_text()}")
             if result.warnings:
                 print(f"{case.name}: WARNING: {result.warning_text()}", file=sys.stderr)
             if outcome.images:

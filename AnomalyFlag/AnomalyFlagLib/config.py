@@ -230,11 +230,14 @@ class ScoreConfig:
     `calibration_bins` bins of slice position and flagged above the quantile that flags
     `target_false_flag_rate` of normal slices. One calibration bin is the default: per-bin medians and
     MADs from a few held-out subjects overfit and amplified the scan ends of new subjects (see
-    docs/detector-experiments.md, section 8).
+    docs/detector-experiments.md, section 8). With `relative_to_scan`, a scan's level (the median of its
+    normalised slice scores, when positive) is subtracted before the threshold, in calibration and in
+    scoring alike (`calibration.scan_level`); bundles made before it load without it.
     """
 
     position_bins: int = 4
     calibration_bins: int = field(default=1, metadata={"absent_in_older_bundles": True})
+    relative_to_scan: bool = field(default=True, metadata={"absent_in_older_bundles": True, "older_value": False})
     pixel_floor: float = 2.0
     neighbour_slices: int = 1
     map_sigma_mm: float = 2.0
@@ -265,7 +268,8 @@ def check_rate(value: float, key: str) -> None:
 
 def config_from_dict(cls, data, key: str = ""):
     """Build a configuration dataclass from metadata at `key`: every field present with its annotated
-    type (except fields added since, which older bundles lack and which take their default), no unknown
+    type (except fields added since, which older bundles lack and which take their default, or their
+    `older_value` where the field's metadata has one: what those bundles did), no unknown
     field (a newer or foreign bundle), then `validate()`. Raises FieldError."""
     present = data if isinstance(data, dict) else {}
     names = [
@@ -273,7 +277,9 @@ def config_from_dict(cls, data, key: str = ""):
     ]
     check_keys(data, key, names, cls.__name__)
     hints = _annotations(cls)
-    config = cls(**{name: check_value(data[name], hints.get(name, Any), join_key(key, name)) for name in names})
+    values = {name: check_value(data[name], hints.get(name, Any), join_key(key, name)) for name in names}
+    absent = [f for f in fields(cls) if f.name not in names and "older_value" in f.metadata]
+    config = cls(**values, **{f.name: f.metadata["older_value"] for f in absent})
     check_config(config, key)
     return config
 

@@ -23,7 +23,8 @@ COLUMN_DESCRIPTIONS = {
     "position": "relative position in the scan (0 inferior, 1 superior)",
     "score": "mean of the most anomalous part of the normalised anomaly map (see ScoreConfig.score_area_mm2)",
     "score_from": "the slice whose score this slice takes: itself or a neighbour with a higher score",
-    "normalised": "(score of score_from - median) / MAD of normal slices here; flagged above the threshold",
+    "normalised": "(score of score_from - median) / MAD of normal slices here, less the scan's level (its median "
+    "where positive, see scan_level); flagged above the threshold",
     "flagged": "1 when the slice is flagged",
     "in_roi": "1 when the slice is within the region of interest",
     "anomaly_fraction": "share of ROI/body pixels over the pixel threshold",
@@ -99,6 +100,7 @@ class CaseResult:
     timings: Dict[str, float] = field(default_factory=dict)
     device: str = "cpu"
     warnings: List[str] = field(default_factory=list)  # why the scan looks unlike the training data
+    scan_level: float = 0.0  # subtracted from every normalised score (calibration.scan_level)
 
     @property
     def out_of_distribution(self) -> bool:
@@ -107,6 +109,12 @@ class CaseResult:
     def warning_text(self) -> str:
         """One sentence for the user, empty when the scan looks like the training data."""
         return f"{DISTRIBUTION_MESSAGE}: {'; '.join(self.warnings)}." if self.warnings else ""
+
+    def level_text(self) -> str:
+        """One sentence when the flags are relative to a scan that scores high throughout, else empty."""
+        if self.scan_level <= 0:
+            return ""
+        return f"flags are relative to this scan, which scores {self.scan_level:.2f} above normal scans throughout"
 
     def with_threshold(self, threshold: float) -> "CaseResult":
         """The same result flagged at another normalised-score threshold (a user override)."""
@@ -138,6 +146,7 @@ class CaseResult:
             "num_flagged": len(flagged),
             "flagged_slices": flagged,
             "max_normalised_score": float(np.max(normalised)),
+            "scan_level": self.scan_level,
             "geometry": self.geometry.to_dict(),
             "heatmap_scale": self.heatmap_scale,
             "heatmap_units": HEATMAP_UNITS,

@@ -13,7 +13,7 @@ import SimpleITK as sitk
 import torch
 
 from .bundle import Bundle, load_bundle
-from .calibration import describe_region
+from .calibration import describe_region, scan_level
 from .devices import autocast_for, default_batch_size, select_device
 from .distribution import distribution_warnings
 from .errors import CancelledError, InputError
@@ -174,6 +174,10 @@ class Scorer:
             score_from = np.where(in_roi, organ_from, score_from)
             kind[in_roi] = "organ"
             threshold = organ_cal.threshold
+        level = scan_level(normalised[in_roi]) if self.bundle.scoring.relative_to_scan else 0.0
+        warnings = distribution_warnings(self.bundle.preprocess.modality, source.value_range[0], normalised,
+                                         threshold, in_roi)  # fmt: skip
+        normalised = normalised - level
         flagged = (normalised > threshold) & in_roi
         frac = np.where(in_roi, frac, np.nan)
         columns = {"index": np.arange(n), "z_mm": np.round(z_mm, 3), "position": np.round(positions, 4)}
@@ -181,8 +185,6 @@ class Scorer:
         columns.update({"score": score, "score_from": score_from, "normalised": normalised, "flagged": flagged,
                         "in_roi": in_roi, "anomaly_fraction": frac, "score_kind": kind})  # fmt: skip
         table = SliceTable({c: columns[c] for c in self.columns}, self.descriptions)
-        warnings = distribution_warnings(self.bundle.preprocess.modality, source.value_range[0], normalised,
-                                         threshold, in_roi)  # fmt: skip
         roi_info = None
         if roi_slabs is not None:
             roi_info = {"labels": list(roi_labels) if roi_labels else "any non-zero", "margin_mm": roi_margin_mm,
@@ -199,4 +201,5 @@ class Scorer:
             timings={"compute": round(compute_s, 3)},
             device=str(self.device),
             warnings=warnings,
+            scan_level=level,
         )

@@ -3,7 +3,7 @@
 import hashlib
 import json
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Callable, Dict, List, Optional
 
@@ -211,18 +211,22 @@ def calibrate_from_maps(bundle: Bundle, slices: SliceSet, raw, body, num_cases: 
                                sc.neighbour_slices)  # fmt: skip
     pixel_values = torch.cat(pixels).numpy()
 
-    def fit(slice_scores, positions, cases):
+    case_index = slices.case_index.numpy()
+
+    def fit(slice_scores, positions, cases, case_of):
         return calibrate(slice_scores, positions, pixel_values, num_cases=cases, position_bins=sc.calibration_bins,
                          target_false_flag_rate=sc.target_false_flag_rate,
-                         pixel_false_positive_rate=sc.pixel_false_positive_rate)  # fmt: skip
+                         pixel_false_positive_rate=sc.pixel_false_positive_rate,
+                         case_index=case_of if sc.relative_to_scan else None)  # fmt: skip
 
-    bundle.calibration = fit(context, slices.positions.numpy(), num_cases)
+    bundle.calibration = fit(context, slices.positions.numpy(), num_cases, case_index)
     bundle.organ_calibration = None
     inside = torch.isfinite(organ_scores).numpy()
     if inside.sum() >= MIN_CALIBRATION_SLICES:
-        organ_context, _ = neighbour_max(organ_scores.numpy()[inside], slices.case_index.numpy()[inside],
+        organ_context, _ = neighbour_max(organ_scores.numpy()[inside], case_index[inside],
                                          slices.slice_index.numpy()[inside], sc.neighbour_slices)  # fmt: skip
-        organ = fit(organ_context, slices.positions.numpy()[inside], len(np.unique(slices.case_index.numpy()[inside])))
+        organ = fit(organ_context, slices.positions.numpy()[inside], len(np.unique(case_index[inside])),
+                    case_index[inside])  # fmt: skip
         bundle.organ_calibration = OrganCalibration.from_calibration(organ, roi_labels, roi_margin_mm)
     elif inside.any():
         log(f"Warning: only {int(inside.sum())} held-out slices show their segmentation (at least "
@@ -473,4 +477,38 @@ def recalibrate(bundle_path, input_path, output=None, target_rate: Optional[floa
     return save_bundle(bundle, Path(output or bundle_path), training_summary=training)
 
 
-__all__ = ["Calibration", "Checkpointer", "calibrate_on", "recalibrate", "train"]
+def recalibrate_held_out(
+    bundle_path,
+    input_path,
+    validation_fraction: float = 0.2,
+    device: str = "auto",
+    log: Callable[[str], None] = print,
+    roi_labels=None,
+    roi_margin_mm: float = 10.0,
+) -> Path:
+    """Calibrate a bundle again, in place and with this version's flag rule, on the held-out normal slices
+    it was trained beside: `input_path` is its training input, split again as `train` split it (its seed
+    and `validation_fraction`). A calibration change measured on a trained model without retraining it;
+    an input or split other than the model's own is refused."""
+    dev = select_device(device)
+    bundle = load_bundle(bundle_path, device=dev)
+    summary = dict(bundle.metadata.get("training") or {})
+    cases = discover_cases(input_path, "training input")
+    if [c.name for c in cases] != summary.get("case_names"):
+        raise InputError(f"{input_path} is not the training input of {bundle_path}: it holds other cases.")
+    share = _training_share(cases, validation_fraction, summary.get("seed", 0), bundle.preprocess, DataParallel(),
+                            None, log, roi_labels=roi_labels, roi_margin_mm=roi_margin_mm)  # fmt: skip
+    recorded = summary.get("calibration_cases")
+    if len(share.held_out) != summary.get("calibration_slices") or (share.held_out_names or recorded) != recorded:
+        raise InputError(f"{bundle_path} was calibrated on other held-out slices than a validation fraction of "
+                         f"{validation_fraction} gives ({recorded}).")  # fmt: skip
+    for f in fields(ScoreConfig):  # what bundles made before a rule lack is this version's default
+        if "older_value" in f.metadata:
+            setattr(bundle.scoring, f.name, f.default)
+    calibrate_on(bundle, share.held_out, share.held_out_cases, dev, roi_labels=roi_labels,
+                 roi_margin_mm=roi_margin_mm, log=log)  # fmt: skip
+    summary["recalibrated_on"] = {"input": str(input_path), "held_out_of_training": True, "slices": len(share.held_out)}
+    return save_bundle(bundle, Path(bundle_path), training_summary=summary)
+
+
+__all__ = ["Calibration", "Checkpointer", "calibrate_on", "recalibrate", "recalibrate_held_out", "train"]

@@ -104,11 +104,15 @@ def checkScoringInputs(inputVolumeNode, modelPath, demoModelPath=None, heatmapNo
 
 
 def resultSummary(result) -> str:
-    """The status line of a result: flagged slices, time, and whether the scan looks unlike the model's
-    training data."""
+    """The status line of a result: flagged slices, time, the scan's level where its flags are relative to
+    it, and whether the scan looks unlike the model's training data."""
     text = _("Done: {flagged} of {total} slices flagged ({seconds} s).").format(
         flagged=len(result.flagged_indices), total=len(result.slices), seconds=result.timings.get("total", "?")
     )
+    if result.scan_level > 0:
+        text += " " + _("Flags are relative to this scan, which scores {level} above normal scans throughout.").format(
+            level=f"{result.scan_level:.2f}"
+        )
     if result.warnings:
         text += " " + _("Warning: this scan does not look like the model's training data: {reasons}.").format(
             reasons="; ".join(result.warnings)

@@ -188,6 +188,8 @@ def scoreFolder(modelPath, inputFolder, outputFolder, device="auto", batchSize=N
             flagged = result.flagged_indices
             log(f"{case.name}: {len(flagged)} of {len(result.slices)} slices flagged"
                 f"{': ' + ', '.join(map(str, flagged)) if flagged else ''}")  # fmt: skip
+            if result.scan_level > 0:
+                log(f"{case.name}: {result.level_text()}")
             if result.warnings:
                 log(f"{case.name}: WARNING: {result.warning_text()}")
         summaries.append(summary)

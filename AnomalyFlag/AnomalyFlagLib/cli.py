@@ -149,6 +149,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--output", help="write the recalibrated bundle here instead of in place")
     _add_roi_region(p, "segmentations for the organ-aware calibration")
     p.add_argument("--false-flag-rate", type=float, default=None)
+    p.add_argument("--held-out", action="store_true",
+                   help="--input is the model's training input: calibrate again on the held-out slices it was "
+                   "trained beside (split as training split it), with this version's flag rule")  # fmt: skip
+    p.add_argument("--validation-fraction", type=float, default=0.2, help="with --held-out: as given to train")
     _add_device(p)
 
     p = sub.add_parser("score", help="score every slice of one volume, a folder or a DICOM series")
@@ -266,10 +270,14 @@ def _cmd_train(a):
 
 
 def _cmd_calibrate(a):
-    from .training import recalibrate
+    from .training import recalibrate, recalibrate_held_out
 
-    out = recalibrate(a.model, a.input, a.output, a.false_flag_rate, a.device, roi_labels=a.roi_labels,
-                      roi_margin_mm=a.roi_margin_mm)  # fmt: skip
+    region = {"roi_labels": a.roi_labels, "roi_margin_mm": a.roi_margin_mm}
+    if a.held_out:
+        out = recalibrate_held_out(a.model, a.input, a.output, a.false_flag_rate, a.validation_fraction, a.device,
+                                   **region)  # fmt: skip
+    else:
+        out = recalibrate(a.model, a.input, a.output, a.false_flag_rate, a.device, **region)
     print(f"Recalibrated bundle written to {out}")
     _print_organ_calibration(out)
 

@@ -480,16 +480,18 @@ def recalibrate(bundle_path, input_path, output=None, target_rate: Optional[floa
 def recalibrate_held_out(
     bundle_path,
     input_path,
+    output=None,
+    target_rate: Optional[float] = None,
     validation_fraction: float = 0.2,
     device: str = "auto",
     log: Callable[[str], None] = print,
     roi_labels=None,
     roi_margin_mm: float = 10.0,
 ) -> Path:
-    """Calibrate a bundle again, in place and with this version's flag rule, on the held-out normal slices
-    it was trained beside: `input_path` is its training input, split again as `train` split it (its seed
-    and `validation_fraction`). A calibration change measured on a trained model without retraining it;
-    an input or split other than the model's own is refused."""
+    """Calibrate a bundle again, with this version's flag rule, on the held-out normal slices it was trained
+    beside: `input_path` is its training input, split again as `train` split it (its seed and
+    `validation_fraction`). Writes the bundle in place or to `output`. A calibration change applied to a
+    trained model without retraining it; an input or split other than the model's own is refused."""
     dev = select_device(device)
     bundle = load_bundle(bundle_path, device=dev)
     summary = dict(bundle.metadata.get("training") or {})
@@ -505,10 +507,9 @@ def recalibrate_held_out(
     for f in fields(ScoreConfig):  # what bundles made before a rule lack is this version's default
         if "older_value" in f.metadata:
             setattr(bundle.scoring, f.name, f.default)
-    calibrate_on(bundle, share.held_out, share.held_out_cases, dev, roi_labels=roi_labels,
-                 roi_margin_mm=roi_margin_mm, log=log)  # fmt: skip
+    calibrate_on(bundle, share.held_out, share.held_out_cases, dev, target_rate, roi_labels, roi_margin_mm, log)
     summary["recalibrated_on"] = {"input": str(input_path), "held_out_of_training": True, "slices": len(share.held_out)}
-    return save_bundle(bundle, Path(bundle_path), training_summary=summary)
+    return save_bundle(bundle, Path(output or bundle_path), training_summary=summary)
 
 
 __all__ = ["Calibration", "Checkpointer", "calibrate_on", "recalibrate", "recalibrate_held_out", "train"]

@@ -477,7 +477,13 @@ def test_killed_writer_keeps_every_returned_decision(case_dir):
             assert line, child.stderr.read()
             seen = int(line)
         os.kill(child.pid, signal.SIGKILL)
-        rest, _ = child.communicate(timeout=30)  # everything printed before the kill
+        # Everything printed before the kill, through the reader readline used: communicate() would read
+        # the pipe directly and miss the lines that reader had already buffered.
+        rest = child.stdout.read()
+        child.wait(timeout=30)
+        child.stdout.close()
+        child.stderr.close()
+        child.stdin.close()
         assert child.returncode == -signal.SIGKILL
         returned = max([seen] + [int(v) for v in rest.split()])
         returned_total = returned

@@ -96,6 +96,7 @@ def _parser() -> argparse.ArgumentParser:
 
     from .cli_options import backends_help
     from .detectors import BACKENDS, DEFAULT_BACKEND, TRAINING_INPUTS
+    from .training_slices import VALIDATION_FRACTION
 
     p = sub.add_parser(
         "train",
@@ -133,7 +134,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--no-body-centring", action="store_true", help="centre the field of view on the slice, not the body"
     )
-    p.add_argument("--validation-fraction", type=float, default=0.2, help="share of cases held out for calibration")
+    p.add_argument(
+        "--validation-fraction", type=float, default=VALIDATION_FRACTION, help="share of cases held out for calibration"
+    )
     p.add_argument("--false-flag-rate", type=float, default=0.05, help="target share of normal slices flagged")
     p.add_argument(
         "--max-minutes", type=float, help="train all stages within about this many minutes, calibration included"
@@ -152,7 +155,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--held-out", action="store_true",
                    help="--input is the model's training input: calibrate again on the held-out slices it was "
                    "trained beside (split as training split it), with this version's flag rule")  # fmt: skip
-    p.add_argument("--validation-fraction", type=float, default=0.2, help="with --held-out: as given to train")
+    p.add_argument(
+        "--validation-fraction", type=float, default=VALIDATION_FRACTION, help="with --held-out: as given to train"
+    )
     _add_device(p)
 
     p = sub.add_parser("score", help="score every slice of one volume, a folder or a DICOM series")

@@ -22,7 +22,14 @@ from .io.cases import discover_cases
 from .launcher import Launch
 from .maps import MapStatisticsAccumulator, neighbour_max
 from .preprocessing import InputSpec
-from .training_slices import SliceSet, load_slices, load_training_input, split_cases, split_slices
+from .training_slices import (
+    VALIDATION_FRACTION,
+    SliceSet,
+    load_slices,
+    load_training_input,
+    split_cases,
+    split_slices,
+)
 
 MAX_CALIBRATION_PIXELS = 400_000
 MIN_TRAINING_SLICES = 8
@@ -258,7 +265,7 @@ def train(
     options=None,
     preprocess: PreprocessConfig = None,
     scoring: ScoreConfig = None,
-    validation_fraction: float = 0.2,
+    validation_fraction: float = VALIDATION_FRACTION,
     seed: int = 0,
     max_minutes: Optional[float] = None,
     checkpoint_every: int = 200,
@@ -482,7 +489,7 @@ def recalibrate_held_out(
     input_path,
     output=None,
     target_rate: Optional[float] = None,
-    validation_fraction: float = 0.2,
+    validation_fraction: float = VALIDATION_FRACTION,
     device: str = "auto",
     log: Callable[[str], None] = print,
     roi_labels=None,

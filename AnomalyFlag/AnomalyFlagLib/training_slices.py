@@ -124,6 +124,11 @@ def load_slices(
                     [c.name for c in cases], excluded, torch.cat(regions) if with_regions else None)  # fmt: skip
 
 
+VALIDATION_FRACTION = 0.2
+"""Share of the training cases held out to calibrate, unless told otherwise (`train` and the held-out
+recalibration must agree on it to split the same way)."""
+
+
 def split_cases(num_cases: int, validation_fraction: float, seed: int):
     """Case indices for training and validation; validation never shares a case with training."""
     order = np.random.default_rng(seed).permutation(num_cases)
